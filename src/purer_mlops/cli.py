@@ -1,0 +1,210 @@
+"""The ``purer`` command line: one subcommand per pipeline stage, a thin layer over the modules.
+
+Every subcommand reads ``params.yaml`` (``--params``) relative to the project root (``--root``),
+validates it before touching anything, and turns any :class:`UserError` into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .config import Params, load_params
+from .errors import UserError
+
+ROOT = click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=".",
+                    show_default=True, help="Project root (holds data/, models/, results/).")
+PARAMS = click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path),
+                      default=None, help="Parameter file [default: ROOT/params.yaml].")
+QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def _load(root: Path, params_path: Path | None) -> Params:
+    return load_params(params_path or root / "params.yaml")
+
+
+def _echo_json(obj: dict) -> None:
+    import json
+
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="purer-mlops")
+def cli() -> None:
+    """PURER data-free meta-learning as a reproducible pipeline.
+
+    \b
+    Stages, in pipeline order (dvc.yaml runs them for you with `dvc repro`):
+      prepare    data/<dataset>/{meta_train,meta_val,meta_test}/<class>/<image>
+      filelist   data/<dataset>/split/*.csv
+      pretrain   models/teachers/ (the teacher pool)
+      metatrain  models/meta/ (PURER meta-model), results/metatrain/
+      metatest   results/metatest/
+      compare    results/compare/ (baselines × shots table)
+    """
+
+
+@cli.command()
+@ROOT
+@PARAMS
+@QUIET
+@click.option("--dataset", default=None, help="Prepare this dataset instead of params' `dataset` "
+              "(e.g. extra pool_datasets).")
+def prepare(root: Path, params_path: Path | None, quiet: bool, dataset: str | None) -> None:
+    """Lay out the dataset in the seed's folder form.
+
+    Reads params `dataset`, `glyphs` and, for real datasets, data/raw/ (see README).
+    Writes data/<dataset>/meta_{train,val,test}/<class>/<image>; `glyphs` is generated.
+    """
+    from .data.stages import prepare as run
+
+    _echo_json(run(_load(root, params_path), root, dataset, progress=not quiet))
+
+
+@cli.command()
+@ROOT
+@PARAMS
+@click.option("--dataset", default=None, help="Write the filelists of this dataset instead.")
+def filelist(root: Path, params_path: Path | None, dataset: str | None) -> None:
+    """Write the filelists data/<dataset>/split/{meta_train,meta_val,meta_test}.csv.
+
+    Reads data/<dataset>/meta_*/ and param `dataset`. Rows `filename,label` are sorted;
+    also writes the class/image counts to results/data/<dataset>.json.
+    """
+    from .data.stages import filelist as run
+
+    _echo_json(run(_load(root, params_path), root, dataset))
+
+
+@cli.command()
+@ROOT
+@PARAMS
+@QUIET
+def pretrain(root: Path, params_path: Path | None, quiet: bool) -> None:
+    """Train the teacher pool.
+
+    Reads data/<d>/ for d in `pool_datasets` (default: `dataset`) and params `pre_backbone`,
+    `pool_mode`, `APInum`, `way_pretrain`, `seed`, `pretrain.*`. Writes models/teachers/
+    (one safetensors file per teacher + pool.json) and results/pretrain/metrics.json.
+    """
+    from .teachers.pretrain import run
+
+    _echo_json(run(_load(root, params_path), root, progress=not quiet))
+
+
+@cli.group()
+def teachers() -> None:
+    """Manage the teacher pool (import models trained elsewhere)."""
+
+
+@teachers.command("import")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="YAML/JSON listing each model's file, architecture, dataset and classes.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("models/teachers"),
+              show_default=True, help="Pool folder to write.")
+def teachers_import(source: Path, manifest: Path, out: Path) -> None:
+    """Turn a folder of PyTorch state dicts + a manifest into a pool.
+
+    Reads SOURCE/*.pt with torch.load(weights_only=True) only (never unpickles code);
+    writes OUT/teacher_*.safetensors and OUT/pool.json. See docs/teachers.md.
+    """
+    from .teachers.importer import import_pool
+
+    records = import_pool(source, manifest, out)
+    click.echo(f"imported {len(records)} teachers into {out}")
+
+
+@cli.command()
+@ROOT
+@PARAMS
+@QUIET
+@click.option("--oracle", is_flag=True, help="Meta-train on the real meta-train images (upper bound).")
+def metatrain(root: Path, params_path: Path | None, quiet: bool, oracle: bool) -> None:
+    """Meta-train the PURER meta-model (ECI; EI with `eci: false`).
+
+    Reads models/teachers/, data/<dataset>/ (meta_val for model selection) and the
+    meta-training params. Writes models/meta/ (best.safetensors chosen on meta-val,
+    last.pt to resume) and results/metatrain/ (metrics.json, train.csv, val.csv, bank.png).
+    An interrupted run resumes from models/meta/last.pt when re-run with the same params.
+    """
+    from .meta.train import run
+    from .tracking import open_tracker
+
+    params = _load(root, params_path)
+    with open_tracker(params, "metatrain", root) as tracker:
+        _echo_json(run(params, root, oracle=oracle, progress=not quiet, tracker=tracker))
+
+
+@cli.command()
+@ROOT
+@PARAMS
+@QUIET
+def metatest(root: Path, params_path: Path | None, quiet: bool) -> None:
+    """Meta-test the selected meta-model on fixed, seeded real tasks.
+
+    Reads models/meta/best.*, data/<dataset>/ (meta_test) and params `way_test`, `num_sup_test`,
+    `num_qur_test`, `episode_test`, `test_inner_update_num`, `icfil`, `calibration.*`,
+    `metatest.seed`. Writes results/metatest/metrics.json (accuracy, ci95 in percent; ICFIL
+    gain with its paired interval when `icfil` is on; the reference code's best-test-over-
+    checkpoints number, labelled) and results/metatest/per_task.csv.
+    """
+    from .meta.metatest import run
+    from .tracking import open_tracker
+
+    params = _load(root, params_path)
+    with open_tracker(params, "metatest", root) as tracker:
+        _echo_json(run(params, root, progress=not quiet, tracker=tracker))
+
+
+@cli.command()
+@ROOT
+@PARAMS
+@QUIET
+def compare(root: Path, params_path: Path | None, quiet: bool) -> None:
+    """Build the comparison table: `compare.methods` × `compare.shots` on shared test tasks.
+
+    Reads models/teachers/, models/meta/ (reused for the matching PURER row), data/<dataset>/
+    and the meta-training and meta-testing params. Trains what is missing into
+    models/compare/ and writes results/compare/compare.{json,md,png} and paired.json.
+    """
+    from .compare import run
+    from .tracking import open_tracker
+
+    params = _load(root, params_path)
+    with open_tracker(params, "compare", root) as tracker:
+        result = run(params, root, progress=not quiet, tracker=tracker)
+    click.echo((root / "results" / "compare" / "compare.md").read_text())
+    click.echo(f"wall time: {result['wall_seconds']} s")
+
+
+@cli.command("params")
+@ROOT
+@PARAMS
+def show_params(root: Path, params_path: Path | None) -> None:
+    """Validate params.yaml and print every parameter (flattened) with its value."""
+    params = _load(root, params_path)
+    for key, value in params.flat().items():
+        click.echo(f"{key}: {value}")
+
+
+def main() -> None:
+    """Console entry point: user errors → one line on stderr, exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

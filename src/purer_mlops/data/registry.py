@@ -1,0 +1,49 @@
+"""The datasets this project knows: image size, normalisation, and what the user must bring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPLITS = ("meta_train", "meta_val", "meta_test")
+
+# Only these suffixes count as images; anything else in a class folder (.DS_Store, notes) is skipped.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about one dataset.
+
+    Attributes:
+        name: the value of the ``dataset`` parameter.
+        image_size: side length (pixels) images are resized to when loaded.
+        mean, std: per-channel normalisation constants (RGB, in [0, 1] units).
+        raw: what the user puts under ``data/raw/`` (empty for generated data).
+    """
+
+    name: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    raw: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "glyphs": DatasetInfo("glyphs", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ()),
+    "cifar100": DatasetInfo(
+        "cifar100", 32, CIFAR_MEAN, CIFAR_STD,
+        ("data/raw/cifar100/ (the seed's folder)", "or data/raw/cifar-100-python.tar.gz"),
+    ),
+    "miniimagenet": DatasetInfo(
+        "miniimagenet", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/miniimagenet/ (the seed's folder)",)
+    ),
+    "cub": DatasetInfo("cub", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/CUB_200_2011/images/",)),
+    "flower": DatasetInfo(
+        "flower", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/flower/jpg/", "data/raw/flower/imagelabels.mat")
+    ),
+}

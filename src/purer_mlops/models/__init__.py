@@ -1,0 +1,1 @@
+"""Network architectures (teachers and meta-model) and the stored teacher pool."""

@@ -1,0 +1,187 @@
+"""Backbones of teachers and meta-model, as plain ``nn.Module``s.
+
+Every model is ``head(features(x))``: ``features`` maps images of shape (B, 3, H, W)
+to embeddings of shape (B, D) and ``head`` is one ``nn.Linear(D, num_classes)``.
+They hold no custom layers, so ``torch.func.functional_call`` and ``vmap`` work on
+them directly (the reference's ``weight.fast`` hack is not needed).
+
+Architectures follow CloserLookFewShot, as the PURER reference does:
+
+- ``conv4``: 4 × [3×3 conv (32 channels, padding 1), BatchNorm, ReLU, 2×2 max-pool];
+  D = 128 at 32 px, 800 at 84 px.
+- ``resnet10`` / ``resnet18``: basic blocks [1,1,1,1] / [2,2,2,2], widths 64-128-256-512,
+  stem = 3×3 conv stride 1 + BatchNorm, global average pool; D = 512.
+- ``resnet12`` (extra): 4 residual blocks of three 3×3 convs, widths 64-160-320-640,
+  each followed by a 2×2 max-pool, global average pool; D = 640.
+
+``track_running_stats=False`` gives BatchNorm layers that always normalise with the
+statistics of the current batch: the meta-model uses them (as in the reference),
+teachers keep running statistics, which the inversion loss matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def _bn(channels: int, track: bool) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, track_running_stats=track)
+
+
+class Conv4(nn.Module):
+    """Four conv blocks of ``width`` channels; embedding of size width·(H/16)²."""
+
+    def __init__(self, image_size: int, width: int = 32, track_running_stats: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for _ in range(4):
+            layers += [nn.Conv2d(in_ch, width, 3, padding=1), _bn(width, track_running_stats),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            in_ch = width
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        self.out_dim = width * side * side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs with BatchNorm and an identity or 1×1-conv shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, track: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = _bn(out_ch, track)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = _bn(out_ch, track)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                                          _bn(out_ch, track))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CloserLook ResNet: stem conv+BN, four stages of basic blocks, global average pool."""
+
+    def __init__(self, blocks: tuple[int, int, int, int], track_running_stats: bool = True):
+        super().__init__()
+        widths = (64, 128, 256, 512)
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), _bn(64, track_running_stats))
+        stages: list[nn.Module] = []
+        in_ch = 64
+        for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                stages.append(BasicBlock(in_ch, w, stride, track_running_stats))
+                in_ch = w
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(x)))
+
+
+class Res12Block(nn.Module):
+    """Three 3×3 conv + BatchNorm (leaky ReLU between), 1×1 shortcut, then 2×2 max-pool."""
+
+    def __init__(self, in_ch: int, out_ch: int, track: bool):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(c, out_ch, 3, 1, 1, bias=False) for c in (in_ch, out_ch, out_ch)])
+        self.bns = nn.ModuleList([_bn(out_ch, track) for _ in range(3)])
+        self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), _bn(out_ch, track))
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for k, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            out = bn(conv(out))
+            if k < 2:
+                out = nn.functional.leaky_relu(out, 0.1)
+        return self.pool(nn.functional.leaky_relu(out + self.shortcut(x), 0.1))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 of the few-shot literature (widths 64-160-320-640)."""
+
+    def __init__(self, track_running_stats: bool = True):
+        super().__init__()
+        widths = (64, 160, 320, 640)
+        chans = (3, *widths[:-1])
+        blocks = [Res12Block(i, o, track_running_stats) for i, o in zip(chans, widths, strict=True)]
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.blocks(x))
+
+
+class Classifier(nn.Module):
+    """``head(features(x))``: logits of shape (B, num_classes) for images (B, 3, H, W)."""
+
+    def __init__(self, features: nn.Module, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(features.out_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+ARCHITECTURES = ("conv4", "resnet10", "resnet18", "resnet12")
+
+
+def build_backbone(arch: str, num_classes: int, image_size: int,
+                   track_running_stats: bool = True) -> Classifier:
+    """Build a classifier of architecture ``arch`` for ``image_size``-pixel RGB images."""
+    if arch == "conv4":
+        if image_size < 16:
+            raise UserError(f"conv4 needs images of at least 16 px, got {image_size}.")
+        feats: nn.Module = Conv4(image_size, track_running_stats=track_running_stats)
+    elif arch == "resnet10":
+        feats = ResNet((1, 1, 1, 1), track_running_stats)
+    elif arch == "resnet18":
+        feats = ResNet((2, 2, 2, 2), track_running_stats)
+    elif arch == "resnet12":
+        feats = ResNet12(track_running_stats)
+    else:
+        raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}.")
+    return Classifier(feats, num_classes)
+
+
+@contextmanager
+def capture_bn_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the input of every BatchNorm layer of ``model`` during the forward passes inside.
+
+    Yields a list that fills, in call order, with tensors of shape (B, C, H, W); the
+    inversion loss compares their per-channel statistics with the running ones.
+    """
+    captured: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+               for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` in forward order (module registration order)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -1,0 +1,1 @@
+"""The teacher pool: pretraining it from meta_train classes, or importing foreign checkpoints."""

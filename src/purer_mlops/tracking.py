@@ -1,0 +1,295 @@
+"""Experiment tracking: every stage run that opens a tracker becomes one MLflow run.
+
+:class:`Tracker` is the no-op tracker (``tracking: false``); :class:`MlflowTracker` implements
+the same methods. Stages only ever call these methods, through :func:`open_tracker`.
+
+The store is ``sqlite:///<root>/mlflow.db`` with artifacts under ``<root>/mlruns``, ``root``
+being ``DVC_ROOT`` when DVC sets it (queued and ``--temp`` experiments run in a temporary copy
+that is deleted afterwards) and the project root otherwise; an explicit ``MLFLOW_TRACKING_URI``
+wins. Runs are tagged with the DVC experiment, the git commit and the PURER scenario, and the
+runs of stages that read the meta-model (``metatest``, ``compare``) are nested under the
+meta-training run that produced it. See docs/tracking.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+class TrackingError(UserError):
+    """The tracking store cannot be reached or written: the stage stops before it starts."""
+
+
+class Tracker:
+    """Does nothing: the tracker of runs with tracking turned off."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record scalar metrics at a step."""
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """Record an image file as step ``step`` of the series ``key``."""
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        """Attach a file to the run."""
+
+    def log_metrics_file(self, path: Path) -> None:
+        """Record the numbers of a flat JSON metrics file (a stage's final metrics)."""
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Attach tags to the run."""
+
+
+# What a finished stage leaves that its run keeps, relative to the project root: files logged
+# as artifacts (per artifact folder), and the final metrics file logged as metrics.
+STAGE_ARTIFACTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "metatrain": {"checkpoints": ("models/meta/best.safetensors", "models/meta/best.json",
+                                  "models/meta/last.safetensors")},
+}
+STAGE_METRICS = {"metatrain": "results/metatrain/metrics.json"}
+# Stages that evaluate the meta-model: their runs are nested under the run that trained it.
+READS_META_MODEL = ("metatest", "compare")
+META_MODEL = "models/meta/best.safetensors"
+
+TAG_STAGE = "purer.stage"
+TAG_MODEL = "purer.model_sha256"
+TAG_PARENT = "purer.parent_run"
+TAG_EXP = "dvc.exp_name"
+TAG_BASELINE = "dvc.baseline_rev"
+TAG_COMMIT = "mlflow.source.git.commit"  # the UI shows it as the run's source version
+MLFLOW_PARENT = "mlflow.parentRunId"  # nests the run under its parent in the UI
+
+
+class MlflowTracker(Tracker):
+    """Logs to one MLflow run through an ``MlflowClient`` (no global MLflow state)."""
+
+    def __init__(self, client: Any, run_id: str, root: Path) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.root = root
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+            # One series per key: the UI's image view steps through it.
+            self.client.log_image(self.run_id, image, key=key, step=step)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_metrics_file(self, path: Path) -> None:
+        values = json.loads(Path(path).read_text())
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if numbers:
+            self.log_metrics(numbers)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_stage_outputs(self, stage: str) -> None:
+        """Attach what ``stage`` left in the project (checkpoints, final metrics)."""
+        for folder, files in STAGE_ARTIFACTS.get(stage, {}).items():
+            for rel in files:
+                if (self.root / rel).is_file():
+                    self.log_artifact(self.root / rel, folder)
+        if stage == "metatrain" and (self.root / META_MODEL).is_file():
+            self.set_tags({TAG_MODEL: _sha256(self.root / META_MODEL)})
+        metrics = STAGE_METRICS.get(stage)
+        if metrics and (self.root / metrics).is_file():
+            self.log_metrics_file(self.root / metrics)
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def store_root(root: Path) -> Path:
+    """The folder holding the store: the real repository root under DVC, else ``root``."""
+    return Path(os.environ.get("DVC_ROOT") or root).resolve()
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the SQLite file at the store root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
+
+
+def scenario(params: Any) -> str:
+    """PURER's scenario: SS (one dataset, one architecture), SH (mixed), MH (several datasets)."""
+    if len(params.teacher_datasets) > 1:
+        return "MH"
+    return "SH" if params.pre_backbone == "mix" else "SS"
+
+
+def run_name(params: Any, stage: str) -> str:
+    """The DVC experiment's name when DVC runs one, else a name that says what was run."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        return exp if stage == "metatrain" else f"{exp}-{stage}"
+    return (f"{stage}-{params.dataset}-{params.meta_learner}-{params.way_train}w"
+            f"{params.num_sup_train}s-adv{params.adv_scale:g}")
+
+
+def git_commit(root: Path) -> str | None:
+    """``git rev-parse HEAD`` in ``root``; None outside a git repository or without git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_server(uri: str) -> None:
+    """Fail fast on an HTTP store that does not answer (MLflow itself retries for minutes)."""
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            response.read()
+    except (URLError, OSError) as err:
+        raise TrackingError(
+            f"the MLflow server at {uri} does not answer ({err}). Start it (see docs/tracking.md), "
+            "unset MLFLOW_TRACKING_URI to use mlflow.db at the repository root, or set "
+            "tracking: false."
+        ) from err
+
+
+def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created with ``artifact_location`` if it is new."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            # Another queue worker created it in between.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment '{name}' is deleted. Restore it with `mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}`, or set another experiment_name."
+        )
+    return experiment.experiment_id
+
+
+def _parent_run(client: Any, experiment_id: str, root: Path, commit: str | None) -> str | None:
+    """The meta-training run behind the meta-model in ``root``: same DVC experiment, else the
+    run that wrote this exact model file, else the latest one at the same commit."""
+    filters = []
+    if os.environ.get("DVC_EXP_NAME"):
+        filters.append(f"tags.`{TAG_EXP}` = '{os.environ['DVC_EXP_NAME']}'")
+    if (root / META_MODEL).is_file():
+        filters.append(f"tags.`{TAG_MODEL}` = '{_sha256(root / META_MODEL)}'")
+    if commit:
+        filters.append(f"tags.`{TAG_COMMIT}` = '{commit}'")
+    for condition in filters:
+        runs = client.search_runs([experiment_id], max_results=1, order_by=["start_time DESC"],
+                                  filter_string=f"tags.`{TAG_STAGE}` = 'metatrain' and {condition}")
+        if runs:
+            return runs[0].info.run_id
+    return None
+
+
+def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
+    """Open the store, the experiment and a new run, logging params and inputs: any failure is
+    a :class:`TrackingError` raised before the stage does any work."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    uri = tracking_uri(root)
+    remote = uri.startswith(("http://", "https://", "databricks"))
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    # A local store keeps artifacts at the store root, even when the run works in a temp copy.
+    artifacts = None if remote else Path(store_root(root), "mlruns").resolve().as_uri()
+    commit = git_commit(root)
+    tags = {
+        TAG_STAGE: stage,
+        "stage": os.environ.get("DVC_STAGE") or stage,
+        "dataset": params.dataset,
+        "scenario": scenario(params),
+        "meta_learner": params.meta_learner,
+        TAG_EXP: os.environ.get("DVC_EXP_NAME"),
+        TAG_BASELINE: os.environ.get("DVC_EXP_BASELINE_REV"),
+        TAG_COMMIT: commit,
+    }
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, params.experiment_name, artifacts)
+        if stage in READS_META_MODEL:
+            parent = _parent_run(client, experiment_id, root, commit)
+            tags.update({TAG_PARENT: parent, MLFLOW_PARENT: parent})
+        run = client.create_run(experiment_id, run_name=run_name(params, stage),
+                                tags={k: str(v) for k, v in tags.items() if v})
+        tracker = MlflowTracker(client, run.info.run_id, root)
+        flat = [Param(k, str(v)) for k, v in params.flat().items()]
+        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
+            client.log_batch(tracker.run_id, params=flat[i:i + 100])
+        # Writing the inputs now also proves the artifact store is writable.
+        for name in ("params.yaml", "dvc.lock"):
+            if (root / name).is_file():
+                tracker.log_artifact(root / name)
+    except (MlflowException, SQLAlchemyError, OSError) as err:
+        raise TrackingError(
+            f"cannot log to the MLflow store {uri}: {err}. Fix the store or its folder, unset "
+            "MLFLOW_TRACKING_URI to use mlflow.db at the repository root, or set tracking: false."
+        ) from err
+    return tracker
+
+
+@contextmanager
+def open_tracker(params: Any, stage: str, root: Path) -> Iterator[Tracker]:
+    """The tracker of one run of ``stage`` in the project ``root``.
+
+    ``tracking: false`` gives the no-op :class:`Tracker`. Otherwise the MLflow run starts
+    here (a broken store raises :class:`TrackingError` before the stage starts) and ends when
+    the block does: on success after logging the stage's outputs (:data:`STAGE_ARTIFACTS`,
+    :data:`STAGE_METRICS`), else marked FAILED (KILLED on Ctrl-C).
+    """
+    if not params.tracking:
+        yield Tracker()
+        return
+    tracker = _start_run(params, stage, Path(root))
+    status = "FAILED"
+    try:
+        yield tracker
+        tracker.log_stage_outputs(stage)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)

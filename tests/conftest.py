@@ -1,0 +1,189 @@
+"""Shared fixtures and helpers: temporary project roots, tiny Glyph-FS, the real CLI and DVC.
+
+Helpers are plain functions so tests can import them (``from conftest import run_purer``);
+fixtures wrap the expensive ones. Nothing here is autouse.
+
+Tests marked ``slow`` run the real pipeline end to end on tiny data; ``pytest -q`` runs them
+too, ``pytest -q -m "not slow"`` leaves them out for a quick check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the virtualenv's bin/: `purer`, `dvc`, `actionlint`
+TINY_IMAGES_PER_CLASS = 20
+GLYPHS_CLASSES = {"meta_train": 64, "meta_val": 16, "meta_test": 20}
+
+# Files and folders a fresh clone brings that DVC needs (dvc.yaml deps, config, ignores).
+CLONE_FILES = ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config",
+               ".dvc/.gitignore", "data/raw/README.md", "pyproject.toml")
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def read_params(root: Path) -> dict[str, Any]:
+    """The raw mapping of ``root/params.yaml``."""
+    return yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` (top-level, or dotted ``section.key``) in a raw params mapping."""
+    section, _, sub = key.partition(".")
+    if sub:
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][sub] = value
+    else:
+        raw[key] = value
+
+
+def write_params(root: Path, overrides: dict[str, Any] | None = None, /, **kw: Any) -> Path:
+    """Change keys of ``root/params.yaml`` and write it back; returns the file's path.
+
+    Dotted keys address sections: ``write_params(root, {"glyphs.images_per_class": 20})``;
+    top-level keys may also be keywords: ``write_params(root, adv_scale=0.5)``.
+    Unknown keys are written as given (tests of validation need them).
+    """
+    path = Path(root) / "params.yaml"
+    raw = read_params(root)
+    for key, value in {**(overrides or {}), **kw}.items():
+        set_key(raw, key, value)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def new_project(root: Path) -> Path:
+    """Make ``root`` a project root holding a copy of the repository's ``params.yaml``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A temporary project root with a copy of the repository's ``params.yaml``."""
+    return new_project(tmp_path / "project")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="session")
+def tiny_glyphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Glyph-FS with 20 images per class plus its filelists, generated once per session.
+
+    Returns the dataset root (``.../glyphs`` holding ``meta_*/`` and ``split/``). Treat it as
+    read-only: copy it (:func:`copy_glyphs`) before changing anything.
+    """
+    from purer_mlops.data.filelist import write_filelists
+    from purer_mlops.data.glyphs import generate
+
+    root = tmp_path_factory.mktemp("tiny_glyphs") / "glyphs"
+    generate(root, seed=0, images_per_class=TINY_IMAGES_PER_CLASS, progress=False)
+    write_filelists(root)
+    return root
+
+
+def copy_glyphs(tiny: Path, project_root: Path) -> Path:
+    """Copy a generated Glyph-FS tree to ``project_root/data/glyphs``; returns that folder."""
+    dest = Path(project_root) / "data" / "glyphs"
+    shutil.copytree(tiny, dest)
+    return dest
+
+
+@pytest.fixture
+def glyphs_project(project: Path, tiny_glyphs: Path) -> Path:
+    """A project root with tiny Glyph-FS under ``data/glyphs`` and matching params.yaml."""
+    copy_glyphs(tiny_glyphs, project)
+    write_params(project, {"glyphs.images_per_class": TINY_IMAGES_PER_CLASS})
+    return project
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for subprocesses: the venv's bin first on PATH, no DVC analytics."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "purer-tests")
+    env.setdefault("GIT_AUTHOR_EMAIL", "tests@purer.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "purer-tests")
+    env.setdefault("GIT_COMMITTER_EMAIL", "tests@purer.invalid")
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None,
+        check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in ``cwd`` with :func:`tool_env`; text output captured."""
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def run_purer(root: Path, *args: str, timeout: float = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (``python -m purer_mlops ARGS``) with ``cwd=root``."""
+    return run([sys.executable, "-m", "purer_mlops", *args], cwd=Path(root), timeout=timeout,
+               env=env)
+
+
+def run_dvc(root: Path, *args: str, timeout: float = 600, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the venv's ``dvc ARGS`` in ``root`` (``purer`` resolves to the venv's too)."""
+    return run([str(BIN / "dvc"), *args], cwd=Path(root), timeout=timeout, check=check, env=env)
+
+
+def git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``git ARGS`` in ``root``; a failure raises with its output."""
+    return run(["git", *args], cwd=Path(root), check=True)
+
+
+def make_dvc_repo(root: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Make ``root`` look like a fresh clone: git repo, DVC config, ``src/``, one commit.
+
+    ``overrides`` change params.yaml before the commit (dotted keys for sections). The
+    package ``purer`` runs is the installed one; ``src/`` is copied because dvc.yaml lists
+    source files as dependencies.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for rel in CLONE_FILES:
+        if (REPO / rel).exists():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    if (REPO / "compare").is_dir():
+        shutil.copytree(REPO / "compare", root / "compare",
+                        ignore=shutil.ignore_patterns("*.lock", "__pycache__"))
+    shutil.copytree(REPO / "src", root / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
+    if overrides:
+        write_params(root, overrides)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "clone")
+    return root
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    """A fresh-clone-like git + DVC repository with tiny Glyph-FS params (not yet run)."""
+    return make_dvc_repo(tmp_path / "repo", {"glyphs.images_per_class": TINY_IMAGES_PER_CLASS})

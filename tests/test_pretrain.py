@@ -1,0 +1,172 @@
+"""Tests for teacher pretraining, on tiny real PNG datasets (32 px, a few classes and epochs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from purer_mlops.config import from_dict
+from purer_mlops.data.dataset import load_split
+from purer_mlops.data.filelist import write_filelists
+from purer_mlops.data.registry import SPLITS
+from purer_mlops.errors import UserError
+from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.pool import load_pool, read_records
+from purer_mlops.teachers.pretrain import accuracy as heldout_accuracy
+from purer_mlops.teachers.pretrain import (
+    block_label_sets,
+    plan_pool,
+    run,
+    teacher_data,
+    train_teacher,
+)
+
+
+def make_dataset(root: Path, name: str, classes: int, per_class: int, seed: int = 0) -> Path:
+    """``root/data/<name>`` with ``classes`` learnable classes (a bright square at a class-specific
+    place on noise) in meta_train, two tiny classes in meta_val/meta_test, and filelists."""
+    folder = root / "data" / name
+    rng = np.random.default_rng(seed)
+    for split in SPLITS:
+        n, k = (classes, per_class) if split == "meta_train" else (2, 2)
+        for c in range(n):
+            cls = folder / split / f"class_{c:02d}"
+            cls.mkdir(parents=True)
+            for i in range(k):
+                img = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
+                y, x = divmod(c % 9, 3)
+                img[y * 10:y * 10 + 10, x * 10:x * 10 + 10, c % 3] = 255
+                Image.fromarray(img).save(cls / f"{i:03d}.png")
+    write_filelists(folder)
+    return folder
+
+
+def params(**changes):
+    raw = {"dataset": "glyphs", "pretrain": {"epochs": 2, "batch_size": 16}, **changes}
+    return from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def glyph_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("root")
+    make_dataset(root, "glyphs", classes=12, per_class=10)
+    return root
+
+
+def test_block_label_sets_cover_every_class_with_full_teachers() -> None:
+    sets = block_label_sets(64, 5)
+    assert len(sets) == 13 and sets[-1] == (59, 60, 61, 62, 63) and sets[-2] == (55, 56, 57, 58, 59)
+    assert all(len(s) == 5 for s in sets) and set().union(*sets) == set(range(64))
+    assert block_label_sets(10, 5) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
+
+
+def test_blocks_pool(glyph_root: Path) -> None:
+    metrics = run(params(), glyph_root, progress=False)
+    records = read_records(glyph_root / "models" / "teachers")
+    assert [r.class_ids for r in records] == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (7, 8, 9, 10, 11)]
+    assert records[2].classes == tuple(f"class_{c:02d}" for c in (7, 8, 9, 10, 11))
+    assert {r.arch for r in records} == {"conv4"} and all(0 <= r.accuracy <= 100 for r in records)
+    saved = json.loads((glyph_root / "results" / "pretrain" / "metrics.json").read_text())
+    assert saved == metrics
+    assert metrics["teachers"] == 3 and metrics["by_arch"]["conv4"]["teachers"] == 3
+    accs = [r.accuracy for r in records]
+    assert metrics["acc_min"] == min(accs) and metrics["acc_mean"] == pytest.approx(sum(accs) / 3)
+    assert metrics["wall_seconds"] > 0
+    assert len(load_pool(glyph_root / "models" / "teachers")) == 3
+
+
+def test_random_pool(glyph_root: Path) -> None:
+    p = params(pool_mode="random", APInum=4, way_pretrain=3)
+    specs = plan_pool(p, {"glyphs": 12})
+    assert specs == plan_pool(p, {"glyphs": 12})  # seeded
+    assert specs != plan_pool(p.replace(seed=1), {"glyphs": 12})
+    run(p, glyph_root, progress=False)
+    records = read_records(glyph_root / "models" / "teachers")
+    assert [r.class_ids for r in records] == [s.class_ids for s in specs]
+    assert len(records) == 4
+    assert all(len(set(r.class_ids)) == 3 and max(r.class_ids) < 12 for r in records)
+
+
+def test_random_pool_splits_teachers_across_datasets() -> None:
+    p = params(pool_mode="random", APInum=5, pool_datasets=["glyphs", "cifar100"], average=False)
+    specs = plan_pool(p, {"glyphs": 12, "cifar100": 8})
+    assert [s.dataset for s in specs] == ["glyphs"] * 3 + ["cifar100"] * 2
+    assert [s.index for s in specs] == list(range(5))
+
+
+def test_way_larger_than_dataset_is_refused() -> None:
+    with pytest.raises(UserError, match="way_pretrain"):
+        plan_pool(params(way_pretrain=13), {"glyphs": 12})
+
+
+def test_mixed_architectures(tmp_path: Path) -> None:
+    make_dataset(tmp_path, "glyphs", classes=8, per_class=3)
+    p = params(pre_backbone="mix", way_pretrain=2, average=False,
+               pretrain={"epochs": 1, "batch_size": 8})
+    metrics = run(p, tmp_path, progress=False)
+    pool = load_pool(tmp_path / "models" / "teachers")
+    assert [r.arch for r, _ in pool] == ["conv4", "resnet10", "resnet18", "conv4"]
+    assert set(metrics["by_arch"]) == {"conv4", "resnet10", "resnet18"}
+    assert metrics["by_arch"]["conv4"]["teachers"] == 2
+
+
+def test_pool_over_two_datasets(tmp_path: Path) -> None:
+    make_dataset(tmp_path, "glyphs", classes=6, per_class=5)
+    make_dataset(tmp_path, "cifar100", classes=4, per_class=5, seed=1)
+    p = params(pool_datasets=["glyphs", "cifar100"], average=False, way_pretrain=3)
+    metrics = run(p, tmp_path, progress=False)
+    records = read_records(tmp_path / "models" / "teachers")
+    assert [(r.dataset, r.class_ids) for r in records] == [
+        ("glyphs", (0, 1, 2)), ("glyphs", (3, 4, 5)),
+        ("cifar100", (0, 1, 2)), ("cifar100", (1, 2, 3))]
+    assert records[0].mean != records[2].mean  # each teacher keeps its dataset's normalisation
+    assert metrics["by_dataset"]["cifar100"]["teachers"] == 2
+
+
+def test_saved_weights_are_the_best_epoch_not_the_live_ones(glyph_root: Path) -> None:
+    p = params(pretrain={"epochs": 4, "batch_size": 16})
+    imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
+    spec = plan_pool(p, {"glyphs": 12})[1]
+    history: list[float] = []
+
+    def after_epoch(epoch: int, acc: float, model: torch.nn.Module) -> None:
+        history.append(acc)
+        if epoch == p.pretrain.epochs - 1:
+            # wreck the live weights after the last epoch: a "best" that aliases them breaks
+            with torch.no_grad():
+                for t in model.state_dict().values():
+                    t.zero_()
+
+    state, acc = train_teacher(spec, imageset, p, on_epoch=after_epoch)
+    assert len(history) == 4 and acc == max(history)
+    assert all(bool(t.any()) for k, t in state.items() if k.endswith("weight"))
+    _, _, x_ho, y_ho = teacher_data(spec, imageset, p)
+    model = build_backbone(spec.arch, len(spec.class_ids), 32)
+    model.load_state_dict(state)
+    assert heldout_accuracy(model, x_ho, y_ho) == acc
+
+
+def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: Path,
+                                                                      glyph_root: Path) -> None:
+    p = params()
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        (root / "data").mkdir(parents=True)
+        (root / "data" / "glyphs").symlink_to(glyph_root / "data" / "glyphs")
+        run(p, root, progress=False)
+    files = [sorted((r / "models" / "teachers").iterdir()) for r in roots]
+    assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) == 4
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*files, strict=True))
+    # teacher 2 alone, in a process that trained nothing before, gives the pool's teacher 2
+    imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
+    state, _ = train_teacher(plan_pool(p, {"glyphs": 12})[2], imageset, p)
+    pooled = load_pool(roots[0] / "models" / "teachers")[2][1].state_dict()
+    assert all(torch.equal(v, pooled[k]) for k, v in state.items())
+    # ... and another seed gives another teacher
+    other, _ = train_teacher(plan_pool(p.replace(seed=1), {"glyphs": 12})[2], imageset, p)
+    assert not torch.equal(other["head.weight"], pooled["head.weight"])
