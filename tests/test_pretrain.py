@@ -153,7 +153,7 @@ def test_saved_weights_are_the_best_epoch_not_the_live_ones(glyph_root: Path) ->
 
 def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: Path,
                                                                       glyph_root: Path) -> None:
-    p = params()
+    p = params(pretrain={"epochs": 1, "batch_size": 16})
     roots = [tmp_path / "a", tmp_path / "b"]
     for root in roots:
         (root / "data").mkdir(parents=True)

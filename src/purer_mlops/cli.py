@@ -7,6 +7,7 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,33 @@ QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
 def _load(root: Path, params_path: Path | None) -> Params:
-    return load_params(params_path or root / "params.yaml")
+    """Validate the parameters, then take the working copy's lock for the rest of the command."""
+    params = load_params(params_path or root / "params.yaml")
+    _lock_working_copy(root)
+    return params
+
+
+def _lock_working_copy(root: Path) -> None:
+    """One stage at a time per working copy: a second one stops at once with a clear message.
+
+    Two stages writing the same outputs would corrupt each other; separate copies (``dvc exp
+    run --temp``/``--queue``) have separate locks. The lock is released when the process ends.
+    """
+    from filelock import FileLock, Timeout
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds the lock for all ranks
+        return
+    lock = FileLock(str(Path(root) / ".purer.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as err:
+        raise UserError(f"another `purer` stage is running in {Path(root).resolve()} (lock "
+                        f"{lock.lock_file}); wait for it to finish, or run experiments in separate "
+                        "copies with `dvc exp run --temp` or `--queue`.") from err
+    _HELD_LOCKS.append(lock)
+
+
+_HELD_LOCKS: list = []  # kept referenced so the locks live as long as the command
 
 
 def _echo_json(obj: dict) -> None:
@@ -132,12 +159,20 @@ def metatrain(root: Path, params_path: Path | None, quiet: bool, oracle: bool) -
     last.pt to resume) and results/metatrain/ (metrics.json, train.csv, val.csv, bank.png).
     An interrupted run resumes from models/meta/last.pt when re-run with the same params.
     """
+    from .distributed import setup, teardown
     from .meta.train import run
-    from .tracking import open_tracker
+    from .tracking import Tracker, open_tracker
 
     params = _load(root, params_path)
-    with open_tracker(params, "metatrain", root) as tracker:
-        _echo_json(run(params, root, oracle=oracle, progress=not quiet, tracker=tracker))
+    ranks = setup()  # several processes under torchrun; one otherwise
+    try:
+        if not ranks.is_main:
+            run(params, root, oracle=oracle, progress=False, tracker=Tracker(), ranks=ranks)
+            return
+        with open_tracker(params, "metatrain", root) as tracker:
+            _echo_json(run(params, root, oracle=oracle, progress=not quiet, tracker=tracker, ranks=ranks))
+    finally:
+        teardown(ranks)
 
 
 @cli.command()
@@ -187,7 +222,7 @@ def compare(root: Path, params_path: Path | None, quiet: bool) -> None:
 @PARAMS
 def show_params(root: Path, params_path: Path | None) -> None:
     """Validate params.yaml and print every parameter (flattened) with its value."""
-    params = _load(root, params_path)
+    params = load_params(params_path or root / "params.yaml")
     for key, value in params.flat().items():
         click.echo(f"{key}: {value}")
 

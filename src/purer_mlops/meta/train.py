@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..config import Params
 from ..data.dataset import ImageSet, fixed_tasks, load_split, sample_task_indices
 from ..data.registry import DATASETS
+from ..distributed import SINGLE, Ranks
 from ..errors import UserError
 from ..fileio import write_json, write_text, write_with
 from ..models.backbones import Classifier, build_backbone
@@ -156,8 +157,10 @@ def fingerprint(params: Params, pool_dir: Path, oracle: bool) -> str:
 class MetaTrainer:
     """State and steps of one meta-training run (see the module docstring)."""
 
-    def __init__(self, params: Params, root: Path, *, oracle: bool = False, device: torch.device | None = None):
+    def __init__(self, params: Params, root: Path, *, oracle: bool = False, device: torch.device | None = None,
+                 ranks: Ranks = SINGLE):
         self.params = params
+        self.ranks = ranks
         self.oracle = oracle
         self.device = device or pick_device(params.metatrain.device)
         info = DATASETS[params.dataset]
@@ -221,17 +224,25 @@ class MetaTrainer:
         shift = random_shift(p.inversion.jitter, self.gen)
         n = len(self.pool.teachers)
         chosen = (torch.randperm(n, generator=self.gen)[: p.candidate_size]
-                  if 0 < p.candidate_size < n else None)
-        terms = self.inversion(self.bank.images, shift, chosen)
+                  if 0 < p.candidate_size < n else torch.arange(n))
+        # Every rank draws the same teachers; each scores its share and the gradients are summed.
+        mine = chosen[list(self.ranks.share(len(chosen)))]
+        terms = self.inversion(self.bank.images, shift, mine)
         loss = terms["loss"]
         adversarial = self.curriculum.take()
         if adversarial:
             xs, ys, xq, yq = sample_pseudo_tasks(self.bank.images, 1, p.way_train, p.num_sup_train,
                                                  p.num_qur_train, self.gen)
-            outer, _ = self.learner.task_loss(self.params_dict(), xs[0], ys[0], xq[0], yq[0], p.way_train)
-            loss = loss - p.adv_scale * outer
-        (g,) = torch.autograd.grad(loss, [self.bank.images])
-        if bool(torch.isfinite(g).all() & torch.isfinite(loss)):
+            if self.ranks.is_main:  # counted once over all ranks
+                outer, _ = self.learner.task_loss(self.params_dict(), xs[0], ys[0], xq[0], yq[0], p.way_train)
+                loss = loss - p.adv_scale * outer
+        g = (torch.autograd.grad(loss, [self.bank.images])[0] if loss.requires_grad
+             else torch.zeros_like(self.bank.images))  # a rank with no teacher this update
+        summed = torch.stack([terms[k] for k in (*TERMS, "loss")]).detach()
+        finite = (torch.isfinite(loss) & torch.isfinite(g).all()).float().reshape(1)
+        self.ranks.sum_(g, summed, finite)
+        terms = {k: summed[i] for i, k in enumerate((*TERMS, "loss"))}
+        if bool(finite == self.ranks.world):
             self.bank_opt.zero_grad(set_to_none=False)
             self.bank.images.grad = g
             self.bank_opt.step()
@@ -250,17 +261,25 @@ class MetaTrainer:
             tasks = sample_pseudo_tasks(self.bank.images.detach(), p.episode_batch, p.way_train,
                                         p.num_sup_train, p.num_qur_train, self.gen)
         params = self.params_dict()
-        losses, accs = self.learner.batch_loss(params, *tasks, p.way_train, batched=p.metatrain.batched)
-        loss = losses.sum()
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True)
-        if bool(torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        share = list(self.ranks.share(p.episode_batch))  # this rank's tasks of the meta-batch
+        if share:
+            losses, accs = self.learner.batch_loss(params, *(t[share] for t in tasks), p.way_train,
+                                                   batched=p.metatrain.batched)
+            loss = losses.sum()
+            grads = list(torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True))
+            stats = torch.stack([loss.detach(), accs.sum().detach()])
+        else:
+            grads = [torch.zeros_like(v) for v in params.values()]
+            stats = torch.zeros(2, device=self.device)
+        self.ranks.sum_(*grads, stats)
+        if bool(torch.isfinite(stats).all() & torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.meta_opt.zero_grad(set_to_none=False)
             for prm, g in zip(params.values(), grads, strict=True):
                 prm.grad = g
             self.meta_opt.step()
         else:
             self.skipped += 1
-        return loss.detach(), accs.mean().detach()
+        return stats[0], stats[1] / p.episode_batch
 
     def step(self) -> dict[str, float]:
         """One meta-iteration; returns its row of the training curve."""
@@ -348,19 +367,20 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifi
 
 def run(params: Params, root: Path, *, models_dir: Path | None = None, results_dir: Path | None = None,
         oracle: bool = False, progress: bool = True, tracker: Tracker | None = None,
-        reuse_complete: bool = False) -> dict:
+        reuse_complete: bool = False, ranks: Ranks = SINGLE) -> dict:
     """Meta-train, checkpointing ``last.pt`` and the best-on-meta-val ``best.safetensors``.
 
     A ``last.pt`` left by an interrupted run with the same parameters and pool is resumed;
     any other is ignored and overwritten. With ``reuse_complete`` a finished run with the same
-    parameters is not repeated (the comparison table uses it). Returns the metrics written to
-    ``metrics.json``.
+    parameters is not repeated (the comparison table uses it). Under ``torchrun`` every rank
+    runs the loop on its share of the work and only rank 0 validates and writes. Returns the
+    metrics written to ``metrics.json``.
     """
     tracker = tracker or Tracker()
     models_dir = models_dir or root / "models" / "meta"
     results_dir = results_dir or root / "results" / "metatrain"
     started = time.perf_counter()
-    trainer = MetaTrainer(params, root, oracle=oracle)
+    trainer = MetaTrainer(params, root, oracle=oracle, ranks=ranks)
     total = params.meta_iterations
     mt = params.metatrain
     fp = fingerprint(params, trainer.pool_dir, oracle)
@@ -406,15 +426,18 @@ def run(params: Params, root: Path, *, models_dir: Path | None = None, results_d
             save_model(trainer.model, card, models_dir / "best")
         return acc
 
-    if resumed_from == 0:
+    main = ranks.is_main  # the other ranks only compute their share of each iteration
+    if resumed_from == 0 and main:
         shutil.rmtree(models_dir / "history", ignore_errors=True)  # a previous run's checkpoints
         evaluate()
         save_images()
-    bar = tqdm(total=total, initial=resumed_from, desc="metatrain", disable=not progress)
+    bar = tqdm(total=total, initial=resumed_from, desc="metatrain", disable=not (progress and main))
     while trainer.iteration < total:
         row = trainer.step()
-        tracker.log_metrics({k: row[k] for k in TRAIN_COLUMNS if k != "iteration"}, step=row["iteration"])
         bar.update(1)
+        if not main:
+            continue
+        tracker.log_metrics({k: row[k] for k in TRAIN_COLUMNS if k != "iteration"}, step=row["iteration"])
         it = trainer.iteration
         if it % mt.val_interval == 0 or it == total:
             acc = evaluate()
@@ -425,6 +448,8 @@ def run(params: Params, root: Path, *, models_dir: Path | None = None, results_d
         if it % mt.checkpoint_interval == 0 or it == total:
             checkpoint()
     bar.close()
+    if not main:
+        return {}
     checkpoint()
     save_model(trainer.model, model_card(params, trainer, trainer.iteration,
                                          trainer.val_history["val_accuracy"][-1]), models_dir / "last")

@@ -41,8 +41,12 @@ class Conv4(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = 3
+        # Teachers keep the reference's conv bias (so its state dicts import). The meta-model,
+        # whose BatchNorm always uses batch statistics, has none: the bias would be cancelled
+        # exactly, and its pure-rounding-noise gradient would make Adam random-walk it.
+        bias = track_running_stats
         for _ in range(4):
-            layers += [nn.Conv2d(in_ch, width, 3, padding=1), _bn(width, track_running_stats),
+            layers += [nn.Conv2d(in_ch, width, 3, padding=1, bias=bias), _bn(width, track_running_stats),
                        nn.ReLU(), nn.MaxPool2d(2)]
             in_ch = width
         self.body = nn.Sequential(*layers, nn.Flatten())

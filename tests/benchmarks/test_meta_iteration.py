@@ -1,0 +1,101 @@
+"""Benchmarks of one PURER meta-iteration (bank update with the adversarial term + meta update).
+
+Each setting times the plain per-teacher, per-task loop and the batched (vmap) path in the
+same run, in one benchmark group, so their ratio is read off the same table:
+
+    pytest tests/benchmarks --benchmark-only --benchmark-group-by=group
+
+``PURER_BENCH_DEVICE=cuda`` runs them on the GPU (CUDA is synchronised after each round).
+
+Teachers are freshly initialised conv4s whose BatchNorm running statistics come from a few
+forward passes: the arithmetic of an iteration does not depend on what they learned.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from purer_mlops.config import from_dict
+from purer_mlops.data.filelist import write_filelists
+from purer_mlops.data.registry import DATASETS, SPLITS
+from purer_mlops.meta.train import MetaTrainer
+from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.pool import TeacherRecord, save_pool
+
+DEVICE = os.environ.get("PURER_BENCH_DEVICE", "cpu")
+
+SETTINGS = {
+    # the seed's cifar_55_conv4 script: 13 conv4 teachers, 64 classes, 20 images per class
+    "5w5s": dict(teachers=13, random_pool=False, num_sup_train=5, synthesis_per_class=20, inner=1, candidate=0),
+    # cifar_51_conv4: 16 images per class, 1 shot
+    "5w1s": dict(teachers=13, random_pool=False, num_sup_train=1, synthesis_per_class=16, inner=1, candidate=0),
+    # PURER-Plus: 100 teachers on random 5-class subsets, 13 per bank update, 5 inner steps
+    "plus": dict(teachers=100, random_pool=True, num_sup_train=1, synthesis_per_class=16, inner=5, candidate=13),
+}
+
+
+def _fake_dataset(root: Path) -> None:
+    """A tiny Glyph-FS-shaped tree (meta_val is what the trainer loads)."""
+    rng = np.random.default_rng(0)
+    for split in SPLITS:
+        for c in range(5):
+            folder = root / "data" / "glyphs" / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(20):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_filelists(root / "data" / "glyphs")
+
+
+def _pool(root: Path, n: int, random_pool: bool) -> None:
+    info = DATASETS["glyphs"]
+    gen = torch.Generator().manual_seed(0)
+    teachers = []
+    for i in range(n):
+        ids = (torch.randperm(64, generator=gen)[:5] if random_pool else torch.arange(5) + 5 * min(i, 11) + (i == 12) * 4)
+        torch.manual_seed(i)
+        model = build_backbone("conv4", 5, 32).train()
+        with torch.no_grad():
+            model(torch.randn(64, 3, 32, 32))
+        rec = TeacherRecord("conv4", "glyphs", 32, info.mean, info.std, tuple(f"c{j}" for j in ids.tolist()),
+                            tuple(ids.tolist()))
+        teachers.append((rec, model.eval()))
+    save_pool(root / "models" / "teachers", teachers)
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def setting(request, tmp_path_factory):
+    name = request.param
+    s = SETTINGS[name]
+    root = tmp_path_factory.mktemp(name)
+    _fake_dataset(root)
+    _pool(root, s["teachers"], s["random_pool"])
+    return name, root, s
+
+
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_meta_iteration(benchmark, setting, mode):
+    name, root, s = setting
+    params = from_dict({
+        "num_sup_train": s["num_sup_train"], "synthesis_per_class": s["synthesis_per_class"],
+        "inner_update_num": s["inner"], "candidate_size": s["candidate"], "tracking": False,
+        "metatrain": {"batched": mode == "batched", "val_episodes": 1, "device": DEVICE},
+    })
+    trainer = MetaTrainer(params, root)
+    benchmark.group = f"meta_iteration_{name}"
+    benchmark.name = f"meta_iteration_{name}_{mode}"
+
+    def adversarial() -> None:
+        trainer.curriculum.pending = True  # every timed iteration carries the adversarial term
+
+    def iteration() -> None:
+        trainer.step()  # reads its losses back (.item()), so CUDA work is finished when it returns
+
+    benchmark.pedantic(iteration, setup=adversarial, rounds=5, warmup_rounds=1, iterations=1)
+    assert trainer.history["adversarial"][-1] == 1
+    assert np.isfinite(trainer.history["meta_loss"][-1])

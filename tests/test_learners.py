@@ -1,0 +1,152 @@
+"""The meta-learners compute what they claim.
+
+- MAML's second-order meta-gradient (through the inner loop) matches central finite
+  differences in float64; first-order MAML is a different gradient (∇ of the query loss at
+  the adapted parameters).
+- ANIL's inner loop adapts only the head; the backbone tensors are passed through untouched.
+- ProtoNet's logits are minus squared Euclidean distances to the class means of the support
+  embeddings.
+- ``batch_loss`` gives the same losses, accuracies and gradients batched (vmap) and looped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from purer_mlops.meta.learners import MetaLearner, meta_parameters
+from purer_mlops.models.backbones import build_backbone
+
+SIZE = 16
+
+
+def tiny_model(way: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_backbone("conv4", way, SIZE, track_running_stats=False).to(dtype)
+
+
+def task(way: int, shot: int, query: int, dtype: torch.dtype = torch.float32, seed: int = 1, tasks: int | None = None):
+    """Random images and labels of one task (or ``tasks`` stacked tasks); support labels shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    lead = () if tasks is None else (tasks,)
+    xs = torch.randn(*lead, way * shot, 3, SIZE, SIZE, generator=g, dtype=dtype)
+    xq = torch.randn(*lead, way * query, 3, SIZE, SIZE, generator=g, dtype=dtype)
+    ys = torch.arange(way).repeat(shot)  # 0,1,2,0,1,2: not grouped by class
+    yq = torch.arange(way).repeat_interleave(query)
+    if tasks is not None:
+        ys, yq = ys.expand(tasks, -1), yq.expand(tasks, -1)
+    return xs, ys, xq, yq
+
+
+def leaf_params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().requires_grad_() for k, v in meta_parameters(model).items()}
+
+
+def flat(ts) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def meta_grad(learner: MetaLearner, params, data, way) -> torch.Tensor:
+    loss, _ = learner.task_loss(params, *data, way)
+    return flat(torch.autograd.grad(loss, list(params.values())))
+
+
+def test_maml_second_order_meta_gradient_matches_finite_differences() -> None:
+    way = 3
+    model = tiny_model(way, torch.float64)
+    data = task(way, shot=2, query=2, dtype=torch.float64)
+    # a large inner step makes the second-order terms big enough to tell apart
+    so = MetaLearner(model, "maml", inner_steps=2, inner_lr=0.3)
+    fo = MetaLearner(model, "maml", inner_steps=2, inner_lr=0.3, first_order=True)
+    params = leaf_params(model)
+    g_so, g_fo = meta_grad(so, params, data, way), meta_grad(fo, params, data, way)
+
+    def loss_at(direction: torch.Tensor, eps: float) -> float:
+        shifted, i = {}, 0
+        for k, v in params.items():
+            n = v.numel()
+            shifted[k] = v.detach() + eps * direction[i:i + n].view_as(v)
+            i += n
+        return float(so.task_loss(shifted, *data, way)[0])
+
+    eps = 1e-6
+    gen = torch.Generator().manual_seed(3)
+    diff = g_so - g_fo
+    directions = [g_so / g_so.norm(), diff / diff.norm()]
+    directions += [torch.randn(g_so.shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for v in directions:
+        v = v / v.norm()
+        fd = (loss_at(v, eps) - loss_at(v, -eps)) / (2 * eps)
+        analytic = float(g_so @ v)
+        # relative to |∇L|·|v| (|v| = 1), so a direction nearly orthogonal to ∇L is not ill-posed
+        assert abs(fd - analytic) / float(g_so.norm()) < 1e-4, (fd, analytic)
+
+    # first-order MAML is a different gradient: along g_so - g_fo the FD above matched g_so,
+    # and g_fo is off by |g_so - g_fo|, far above the tolerance
+    assert float(diff.norm() / g_so.norm()) > 1e-2
+    # ... and it is exactly ∇ of the query loss at the (detached) adapted parameters
+    xs, ys, xq, yq = data
+    adapted = {k: v.detach().requires_grad_() for k, v in fo.adapt(params, xs, ys).items()}
+    q_loss = F.cross_entropy(fo.logits(adapted, xq), yq)
+    g_adapted = flat(torch.autograd.grad(q_loss, list(adapted.values())))
+    torch.testing.assert_close(g_fo, g_adapted, rtol=1e-9, atol=1e-12)
+
+
+def test_anil_inner_loop_adapts_only_the_head() -> None:
+    way = 3
+    model = tiny_model(way)
+    learner = MetaLearner(model, "anil", inner_steps=3, inner_lr=0.05)
+    params = leaf_params(model)
+    xs, ys, _, _ = task(way, shot=2, query=1)
+    adapted = learner.adapt(params, xs, ys)
+    assert adapted.keys() == params.keys()
+    features = [k for k in params if k.startswith("features.")]
+    assert features and all(adapted[k] is params[k] for k in features)
+    for k in ("head.weight", "head.bias"):
+        assert not torch.equal(adapted[k], params[k]), k
+    # the head moved downhill on the support loss
+    before = F.cross_entropy(learner.logits(params, xs), ys)
+    after = F.cross_entropy(learner.logits(adapted, xs), ys)
+    assert after < before
+
+
+def test_protonet_logits_are_negative_squared_distances_to_class_means() -> None:
+    way, shot, query = 3, 2, 2
+    model = tiny_model(way)
+    learner = MetaLearner(model, "protonet", inner_steps=5, inner_lr=0.5)
+    params = leaf_params(model)
+    xs, ys, xq, yq = task(way, shot, query)
+    logits = learner.query_logits(params, xs, ys, xq, way)
+    with torch.no_grad():  # by hand; BN uses batch statistics, so support and query are embedded apart
+        zs, zq = model.features(xs), model.features(xq)
+        protos = torch.stack([zs[ys == c].mean(0) for c in range(way)])
+        expected = -((zq[:, None, :] - protos[None, :, :]) ** 2).sum(-1)
+    assert logits.shape == (way * query, way)
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-4, atol=1e-4)
+    loss, acc = learner.task_loss(params, xs, ys, xq, yq, way)
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(expected, yq), rtol=1e-5, atol=1e-5)
+    assert float(acc) == pytest.approx(float((expected.argmax(1) == yq).float().mean()))
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+def test_batch_loss_batched_equals_loop(kind: str) -> None:
+    # float64, so that a wrong batching rule (~1e-4) stands far above rounding (~1e-15)
+    way = 3
+    model = tiny_model(way, torch.float64)
+    learner = MetaLearner(model, kind, inner_steps=2, inner_lr=0.1)
+    params = leaf_params(model)
+    data = task(way, shot=1, query=2, dtype=torch.float64, tasks=3)
+    out = {}
+    for batched in (True, False):
+        losses, accs = learner.batch_loss(params, *data, way, batched=batched)
+        grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True,
+                                    materialize_grads=True)
+        out[batched] = (losses.detach(), accs, flat(grads))
+    assert out[True][0].shape == (3,)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[True][1], out[False][1])
+    g_vmap, g_loop = out[True][2], out[False][2]
+    assert float((g_vmap - g_loop).norm() / g_loop.norm()) < 1e-8
+    # the tasks differ, so the per-task losses are not one value broadcast
+    assert out[False][0].unique().numel() == 3

@@ -1,0 +1,246 @@
+"""Meta-training end to end on a tiny CPU project with a real (pretrained) teacher pool.
+
+- ``run()`` writes the selected meta-model, ``last.pt``, the metrics, one training-curve row
+  per meta-iteration and the bank image grid.
+- A run killed mid-way (SIGKILL, as a crash would) and resumed ends with a meta-model and a
+  bank identical to an uninterrupted run with the same seed.
+- A checkpoint written under other parameters (another fingerprint) is not resumed.
+- ``average: true`` with a mixed-architecture pool is a user error; with a homogeneous pool
+  the meta-model starts as the teachers' average.
+
+The helpers :func:`small_glyphs`, :func:`random_pool` and :func:`tiny_params` are shared
+with ``test_curriculum.py`` and ``test_equivalence.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import tool_env
+
+from purer_mlops.config import Params, from_dict
+from purer_mlops.data.filelist import write_filelists
+from purer_mlops.data.registry import DATASETS
+from purer_mlops.errors import UserError
+from purer_mlops.meta import train
+from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.pool import TeacherRecord, save_pool
+from purer_mlops.teachers import pretrain
+
+# --------------------------------------------------------------------------- helpers
+
+TINY: dict[str, Any] = {
+    "dataset": "glyphs", "seed": 0, "glyphs": {"images_per_class": 20},
+    "pretrain": {"epochs": 1, "batch_size": 32},
+    "way_train": 5, "num_sup_train": 1, "num_qur_train": 3, "synthesis_per_class": 4,
+    "episode_train": 24, "episode_batch": 4, "inner_update_num": 1,
+    "way_test": 5, "num_sup_test": 1, "num_qur_test": 3, "test_inner_update_num": 1,
+    "adv_start": 2, "patience": 1, "tracking": False,
+    "metatrain": {"val_interval": 2, "val_episodes": 4, "checkpoint_interval": 2, "image_interval": 3,
+                  "device": "cpu"},
+}
+
+
+def tiny_raw(**changes: Any) -> dict[str, Any]:
+    """The raw params mapping of a tiny run; dotted keys (``metatrain.batched``) reach sections."""
+    raw = yaml.safe_load(yaml.safe_dump(TINY))  # deep copy
+    for key, value in changes.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            raw.setdefault(section, {})[sub] = value
+        else:
+            raw[key] = value
+    return raw
+
+
+def tiny_params(**changes: Any) -> Params:
+    return from_dict(tiny_raw(**changes))
+
+
+def small_glyphs(tiny: Path, root: Path, train_classes: int = 10, other_classes: int = 5) -> Path:
+    """``root/data/glyphs``: the first classes of the session's tiny Glyph-FS, with filelists."""
+    dest = Path(root) / "data" / "glyphs"
+    for split, n in (("meta_train", train_classes), ("meta_val", other_classes), ("meta_test", other_classes)):
+        for cls in sorted(p for p in (tiny / split).iterdir() if p.is_dir())[:n]:
+            shutil.copytree(cls, dest / split / cls.name)
+    write_filelists(dest)
+    return dest
+
+
+def random_pool(folder: Path, specs: list[tuple[str, int, tuple[int, ...]]], seed: int = 0) -> list[TeacherRecord]:
+    """Untrained teachers ``(arch, image_size, class_ids)`` saved as a pool.
+
+    A few train-mode passes on noise give them non-trivial BatchNorm running statistics.
+    """
+    info = DATASETS["glyphs"]
+
+    def teachers():
+        for i, (arch, size, ids) in enumerate(specs):
+            torch.manual_seed(seed + i)
+            model = build_backbone(arch, len(ids), size).train()
+            with torch.no_grad():
+                for _ in range(2):
+                    model(torch.randn(8, 3, size, size))
+            yield TeacherRecord(arch, "glyphs", size, info.mean, info.std,
+                                tuple(f"class_{c:02d}" for c in ids), tuple(ids)), model.eval()
+
+    return save_pool(folder, teachers())
+
+
+def write_yaml(root: Path, raw: dict[str, Any]) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pool_project(tmp_path_factory: pytest.TempPathFactory, tiny_glyphs: Path) -> Path:
+    """10 meta-train classes and a real pool of 2 conv4 teachers (1 epoch). Copy before use."""
+    root = tmp_path_factory.mktemp("pool_project")
+    small_glyphs(tiny_glyphs, root)
+    write_yaml(root, tiny_raw())
+    pretrain.run(tiny_params(), root, progress=False)
+    return root
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("results"))
+    return dest
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_run_writes_model_checkpoint_metrics_curve_and_bank(pool_project: Path, tmp_path: Path) -> None:
+    root = copy_project(pool_project, tmp_path / "p")
+    params = tiny_params()
+    metrics = train.run(params, root, progress=False)
+    meta, res = root / "models" / "meta", root / "results" / "metatrain"
+    for path in (meta / "best.safetensors", meta / "best.json", meta / "last.pt", res / "metrics.json",
+                 res / "bank.png"):
+        assert path.is_file(), path
+    assert list((res / "bank").glob("iter_*.png"))
+    saved = yaml.safe_load((res / "metrics.json").read_text())  # JSON is YAML
+    assert saved == metrics
+    for key in ("init_val_accuracy", "best_val_accuracy", "best_iteration", "iterations", "adversarial_updates"):
+        assert key in metrics, key
+    assert metrics["iterations"] == params.meta_iterations == 6
+    assert metrics["resumed_from"] == 0
+    assert metrics["best_val_accuracy"] >= metrics["init_val_accuracy"]
+    lines = (res / "train.csv").read_text().strip().splitlines()
+    header, rows = lines[0].split(","), [dict(zip(lines[0].split(","), r.split(","), strict=True)) for r in lines[1:]]
+    assert header[0] == "iteration" and len(rows) == 6
+    assert [int(r["iteration"]) for r in rows] == list(range(6))
+    adversarial = [int(r["adversarial"]) for r in rows]
+    assert adversarial[2] == 1 and adversarial[:2] == [0, 0]  # adv_start = 2
+    assert sum(adversarial) == metrics["adversarial_updates"]
+    state = torch.load(meta / "last.pt", map_location="cpu", weights_only=True)
+    assert state["iteration"] == 6 and state["bank"].shape == (10, 4, 3, 32, 32)
+    model, card = train.load_model(meta / "best")
+    assert card["iteration"] == metrics["best_iteration"] and card["backbone"] == "conv4"
+
+
+def _last_iteration(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["iteration"])
+    except Exception:  # not there yet
+        return None
+
+
+def test_killed_run_resumes_to_the_same_model_and_bank(pool_project: Path, tmp_path: Path) -> None:
+    raw = tiny_raw(episode_train=120, **{"metatrain.checkpoint_interval": 3, "metatrain.val_interval": 15,
+                                         "metatrain.image_interval": 30})
+    total = from_dict(raw).meta_iterations  # 30
+    roots = {}
+    for name in ("killed", "whole"):
+        roots[name] = copy_project(pool_project, tmp_path / name)
+        write_yaml(roots[name], raw)
+    cmd = [sys.executable, "-m", "purer_mlops", "metatrain", "--quiet", "--root"]
+
+    def start(root: Path) -> subprocess.Popen:
+        return subprocess.Popen([*cmd, str(root)], cwd=root, env=tool_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    whole = start(roots["whole"])  # the uninterrupted run, alongside
+    victim = start(roots["killed"])
+    last = roots["killed"] / "models" / "meta" / "last.pt"
+    killed_at, deadline = None, time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        it = _last_iteration(last) if last.is_file() else None
+        if it is not None and it < total:
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+            killed_at = it
+            break
+        time.sleep(0.05)
+    if killed_at is None:
+        whole.kill()
+        pytest.fail(f"the run ended (rc={victim.poll()}) before a mid-run checkpoint could be killed; "
+                    f"raise episode_train. stderr: {victim.stderr.read()[-2000:] if victim.stderr else ''}")
+    assert victim.returncode == -signal.SIGKILL
+    left = _last_iteration(last)
+    assert left is not None and killed_at <= left < total  # killed mid-run, checkpoint intact
+
+    resumed = subprocess.run([*cmd, str(roots["killed"])], cwd=roots["killed"], env=tool_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+
+    metrics = yaml.safe_load((roots["killed"] / "results" / "metatrain" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == left and metrics["iterations"] == total
+    a, b = (torch.load(roots[n] / "models" / "meta" / "last.pt", map_location="cpu", weights_only=True)
+            for n in ("killed", "whole"))
+    assert a["iteration"] == b["iteration"] == total
+    assert torch.equal(a["bank"], b["bank"])
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"] == b["history"] and a["curriculum"] == b["curriculum"]
+
+
+def test_checkpoint_with_another_fingerprint_is_not_resumed(pool_project: Path, tmp_path: Path) -> None:
+    old = tiny_params()
+    root = copy_project(pool_project, tmp_path / "p")
+    trainer = train.MetaTrainer(old, root)
+    for _ in range(2):
+        trainer.step()
+    state = {"fingerprint": train.fingerprint(old, trainer.pool_dir, False), **trainer.state_dict()}
+    last = root / "models" / "meta" / "last.pt"
+    last.parent.mkdir(parents=True)
+    torch.save(state, last)
+    saved = last.read_bytes()
+
+    other = old.replace(adv_scale=old.adv_scale + 1.0)
+    assert train.run(other, root, progress=False)["resumed_from"] == 0
+    # control: the same checkpoint under its own parameters is resumed
+    last.write_bytes(saved)
+    assert train.run(old, root, progress=False)["resumed_from"] == 2
+
+
+def test_average_needs_a_homogeneous_pool(tmp_path: Path) -> None:
+    params = tiny_params(average=True)
+    mixed = tmp_path / "mixed"
+    random_pool(mixed, [("conv4", 32, (0, 1, 2, 3, 4)), ("resnet10", 16, (5, 6, 7, 8, 9))])
+    with pytest.raises(UserError, match="average"):
+        train.init_meta_model(params, train.load_teachers(mixed), 32)
+    # a homogeneous pool averages
+    same = tmp_path / "same"
+    random_pool(same, [("conv4", 32, (0, 1, 2, 3, 4)), ("conv4", 32, (5, 6, 7, 8, 9))])
+    pool = train.load_teachers(same)
+    model = train.init_meta_model(params, pool, 32)
+    state = model.state_dict()
+    for key in ("head.weight", "features.body.1.weight", "features.body.0.weight"):
+        expected = (pool.state_dicts[0][key] + pool.state_dicts[1][key]) / 2
+        torch.testing.assert_close(state[key], expected)
