@@ -16,14 +16,14 @@ PURER_BENCH_DEVICE=cuda timeout 240 $py -m pytest tests/benchmarks --benchmark-o
 
 echo "== pipeline on CUDA (Glyph-FS defaults, shortened meta-training)"
 root=$(mktemp -d); cp params.yaml "$root/"
-sed -i 's/^tracking: true/tracking: false/; s/^episode_train: .*/episode_train: 2000/' "$root/params.yaml"
+sed -i "s/^tracking: true/tracking: false/; s/^episode_train: .*/episode_train: 8000/" "$root/params.yaml"
 t0=$(date +%s)
 $py -m purer_mlops prepare --root "$root" --quiet > /dev/null && $py -m purer_mlops filelist --root "$root" > /dev/null
 t1=$(date +%s); echo "prepare+filelist: $((t1-t0)) s"
 $py -m purer_mlops pretrain --root "$root" --quiet > "$out/pretrain.json"; t2=$(date +%s)
 echo "pretrain: $((t2-t1)) s"; grep -E '"acc_(mean|min)"' "$out/pretrain.json"
 $py -m purer_mlops metatrain --root "$root" --quiet > "$out/metatrain.json"; t3=$(date +%s)
-echo "metatrain (500 it): $((t3-t2)) s"; cat "$out/metatrain.json"
+echo "metatrain (2000 it): $((t3-t2)) s"; cat "$out/metatrain.json"
 $py -m purer_mlops metatest --root "$root" --quiet > "$out/metatest.json"; t4=$(date +%s)
 echo "metatest: $((t4-t3)) s"; cat "$out/metatest.json"
 

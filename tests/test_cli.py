@@ -222,3 +222,15 @@ def test_small_split_refuses_the_default_task(tmp_path):
         split.check_task_shape(5, 1, 15, ("way_train", "num_sup_train", "num_qur_train"))
     with pytest.raises(UserError, match="'num_sup_train' \\+ 'num_qur_train'"):
         split.check_task_shape(2, 1, 15, ("way_train", "num_sup_train", "num_qur_train"))
+
+
+def test_presets_list_validate_and_spell_the_dvc_command(tmp_path):
+    listed = run_purer(tmp_path, "preset")
+    assert listed.returncode == 0, listed.stderr
+    assert {"cifar_51_conv4", "cifar_55_conv4", "purer_plus"} <= {line.split()[0] for line in listed.stdout.splitlines()}
+    shown = run_purer(tmp_path, "preset", "cifar_55_conv4")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("dvc exp run -n cifar_55_conv4 ")
+    assert "-S num_sup_train=5" in shown.stdout and "-S synthesis_per_class=20" in shown.stdout
+    unknown = run_purer(tmp_path, "preset", "cifar_51")
+    assert unknown.returncode == 2 and "unknown preset" in unknown.stderr

@@ -38,7 +38,7 @@ BAD = [
     # (changes, words the message must contain)
     ({"adv_scal": 1.0}, ["'adv_scal'", "did you mean 'adv_scale'"]),
     ({"num_sup_tset": 1}, ["'num_sup_tset'", "did you mean 'num_sup_test'"]),
-    ({"inversion.lrr": 0.1}, ["'inversion.lrr'", "did you mean 'lr'"]),
+    ({"inversion.lrr": 0.1}, ["'inversion.lrr'", "did you mean 'inversion.lr'"]),
     ({"way_train": "5"}, ["'way_train'", "whole number"]),
     ({"way_train": True}, ["'way_train'", "whole number"]),
     ({"seed": 1.5}, ["'seed'", "whole number"]),
@@ -52,7 +52,7 @@ BAD = [
     ({"pretrain.momentum": -0.1}, ["'pretrain.momentum'", "at least 0"]),
     ({"glyphs.images_per_class": 0}, ["'glyphs.images_per_class'", "at least 1"]),
     ({"dataset": "imagenet"}, ["'dataset'", "imagenet", "glyphs"]),
-    ({"metatrain.device": "tpu"}, ["'metatrain.device'", "cpu"]),
+    ({"device": "tpu"}, ["'device'", "cpu"]),
     ({"pre_backbone": "mix", "average": True}, ["'average'", "pre_backbone=mix", "average: false"]),
     ({"pre_backbone": "resnet18", "average": True}, ["'average'", "resnet18"]),
     ({"pool_datasets": ["cub"], "average": True}, ["'average'", "pool_datasets=['cub']"]),
@@ -133,7 +133,7 @@ def test_replace_changes_and_validates():
 
 def test_meta_iterations_and_teacher_datasets():
     p = Params()
-    assert p.meta_iterations == 2000
+    assert p.meta_iterations == 1500
     assert p.replace(episode_train=3, episode_batch=4).meta_iterations == 1
     assert p.teacher_datasets == ["glyphs"]
 
@@ -173,8 +173,9 @@ def _dvc_readers() -> dict[str, set[str]]:
         for stage, spec in (yaml.safe_load(path.read_text()).get("stages") or {}).items():
             for entry in spec.get("params", []):
                 # an entry is a key, or {params file: [keys]}
+                # ({params.yaml: None} reads the whole file)
                 names = [entry] if isinstance(entry, str) else [k for ks in entry.values()
-                                                                for k in ks]
+                                                                for k in (ks or list(flat))]
                 for name in names:
                     readers.setdefault(stage, set()).update(
                         k for k in flat if k == name or k.startswith(f"{name}."))

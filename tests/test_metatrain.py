@@ -42,12 +42,11 @@ from purer_mlops.teachers import pretrain
 TINY: dict[str, Any] = {
     "dataset": "glyphs", "seed": 0, "glyphs": {"images_per_class": 20},
     "pretrain": {"epochs": 1, "batch_size": 32},
-    "way_train": 5, "num_sup_train": 1, "num_qur_train": 3, "synthesis_per_class": 4,
-    "episode_train": 24, "episode_batch": 4, "inner_update_num": 1,
+    "way_train": 5, "num_sup_train": 1, "num_qur_train": 2, "synthesis_per_class": 3,
+    "episode_train": 12, "episode_batch": 2, "inner_update_num": 1,
     "way_test": 5, "num_sup_test": 1, "num_qur_test": 3, "test_inner_update_num": 1,
-    "adv_start": 2, "patience": 1, "tracking": False,
-    "metatrain": {"val_interval": 2, "val_episodes": 4, "checkpoint_interval": 2, "image_interval": 3,
-                  "device": "cpu"},
+    "adv_start": 2, "patience": 1, "tracking": False, "device": "cpu",
+    "metatrain": {"val_interval": 2, "val_episodes": 4, "checkpoint_interval": 2, "image_interval": 3},
 }
 
 
@@ -97,11 +96,23 @@ def random_pool(folder: Path, specs: list[tuple[str, int, tuple[int, ...]]], see
     return save_pool(folder, teachers())
 
 
+ENV = tool_env({"OMP_NUM_THREADS": "1"})  # subprocesses: one thread, as :func:`one_thread` in-process
+
+
 def write_yaml(root: Path, raw: dict[str, Any]) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a small shared CPU two threads contend and run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +157,7 @@ def test_run_writes_model_checkpoint_metrics_curve_and_bank(pool_project: Path, 
     assert adversarial[2] == 1 and adversarial[:2] == [0, 0]  # adv_start = 2
     assert sum(adversarial) == metrics["adversarial_updates"]
     state = torch.load(meta / "last.pt", map_location="cpu", weights_only=True)
-    assert state["iteration"] == 6 and state["bank"].shape == (10, 4, 3, 32, 32)
+    assert state["iteration"] == 6 and state["bank"].shape == (10, 3, 3, 32, 32)
     model, card = train.load_model(meta / "best")
     assert card["iteration"] == metrics["best_iteration"] and card["backbone"] == "conv4"
 
@@ -159,9 +170,9 @@ def _last_iteration(path: Path) -> int | None:
 
 
 def test_killed_run_resumes_to_the_same_model_and_bank(pool_project: Path, tmp_path: Path) -> None:
-    raw = tiny_raw(episode_train=120, **{"metatrain.checkpoint_interval": 3, "metatrain.val_interval": 15,
-                                         "metatrain.image_interval": 30})
-    total = from_dict(raw).meta_iterations  # 30
+    raw = tiny_raw(episode_train=32, **{"metatrain.checkpoint_interval": 2, "metatrain.val_interval": 8,
+                                        "metatrain.image_interval": 16})
+    total = from_dict(raw).meta_iterations  # 16
     roots = {}
     for name in ("killed", "whole"):
         roots[name] = copy_project(pool_project, tmp_path / name)
@@ -169,7 +180,7 @@ def test_killed_run_resumes_to_the_same_model_and_bank(pool_project: Path, tmp_p
     cmd = [sys.executable, "-m", "purer_mlops", "metatrain", "--quiet", "--root"]
 
     def start(root: Path) -> subprocess.Popen:
-        return subprocess.Popen([*cmd, str(root)], cwd=root, env=tool_env(), stdout=subprocess.DEVNULL,
+        return subprocess.Popen([*cmd, str(root)], cwd=root, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
 
     whole = start(roots["whole"])  # the uninterrupted run, alongside
@@ -192,7 +203,7 @@ def test_killed_run_resumes_to_the_same_model_and_bank(pool_project: Path, tmp_p
     left = _last_iteration(last)
     assert left is not None and killed_at <= left < total  # killed mid-run, checkpoint intact
 
-    resumed = subprocess.run([*cmd, str(roots["killed"])], cwd=roots["killed"], env=tool_env(),
+    resumed = subprocess.run([*cmd, str(roots["killed"])], cwd=roots["killed"], env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, err = whole.communicate(timeout=600)

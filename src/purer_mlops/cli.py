@@ -118,9 +118,17 @@ def pretrain(root: Path, params_path: Path | None, quiet: bool) -> None:
     `pool_mode`, `APInum`, `way_pretrain`, `seed`, `pretrain.*`. Writes models/teachers/
     (one safetensors file per teacher + pool.json) and results/pretrain/metrics.json.
     """
+    from .distributed import pick_device, setup, teardown
     from .teachers.pretrain import run
 
-    _echo_json(run(_load(root, params_path), root, progress=not quiet))
+    params = _load(root, params_path)
+    ranks = setup()  # teachers split across ranks under torchrun
+    try:
+        metrics = run(params, root, progress=not quiet, device=pick_device(params.device), ranks=ranks)
+        if ranks.is_main:
+            _echo_json(metrics)
+    finally:
+        teardown(ranks)
 
 
 @cli.group()
@@ -215,6 +223,42 @@ def compare(root: Path, params_path: Path | None, quiet: bool) -> None:
         result = run(params, root, progress=not quiet, tracker=tracker)
     click.echo((root / "results" / "compare" / "compare.md").read_text())
     click.echo(f"wall time: {result['wall_seconds']} s")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--run", "run_it", is_flag=True, help="Run it now as a DVC experiment named NAME.")
+def preset(name: str | None, run_it: bool) -> None:
+    """The seed's scripts as parameter sets: list them, show one, or run it.
+
+    \b
+    purer preset                      list the presets
+    purer preset cifar_51_conv4       print the `dvc exp run` command it stands for
+    purer preset cifar_51_conv4 --run run that command (a DVC experiment named after it)
+    """
+    import shlex
+    import subprocess
+    from importlib.resources import files
+
+    import yaml
+
+
+    folder = files("purer_mlops") / "presets"
+    names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    if name is None:
+        for n in names:
+            first = (folder / f"{n}.yaml").read_text().splitlines()[0].lstrip("# ")
+            click.echo(f"{n:18s} {first}")
+        return
+    if name not in names:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(names)}.")
+    values = yaml.safe_load((folder / f"{name}.yaml").read_text())
+    Params().replace(**values)  # validated like params.yaml
+    sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    cmd = ["dvc", "exp", "run", "-n", name] + [a for kv in sets for a in ("-S", kv)]
+    click.echo(shlex.join(cmd))
+    if run_it:
+        sys.exit(subprocess.call(cmd))
 
 
 @cli.command("params")

@@ -58,7 +58,7 @@ class PretrainParams:
     """Teacher pretraining (stage ``pretrain``), as in the reference scripts."""
 
     epochs: int = knob(30, ge=1, doc="training epochs per teacher (best epoch kept)")
-    batch_size: int = knob(128, ge=1)
+    batch_size: int = knob(64, ge=1, doc="reference: 128")
     holdout: float = knob(0.2, gt=0.0, le=0.5, doc="per-class held-out fraction for model selection")
     conv4_lr: float = knob(0.01, gt=0.0, doc="Adam learning rate of conv4 teachers")
     resnet_lr: float = knob(0.01, gt=0.0, doc="SGD learning rate of ResNet teachers")
@@ -83,12 +83,12 @@ class InversionParams:
 class MetatrainParams:
     """Meta-training bookkeeping (stage ``metatrain``)."""
 
-    val_interval: int = knob(100, ge=1, doc="meta-iterations between meta-val evaluations")
-    val_episodes: int = knob(200, ge=1, doc="meta-val tasks per evaluation (fixed, seeded)")
-    checkpoint_interval: int = knob(100, ge=1, doc="meta-iterations between 'last' checkpoints")
+    val_interval: int = knob(250, ge=1, doc="meta-iterations between meta-val evaluations")
+    val_episodes: int = knob(100, ge=1, doc="meta-val tasks per evaluation (fixed, seeded)")
+    checkpoint_interval: int = knob(50, ge=1, doc="meta-iterations between 'last' checkpoints")
     image_interval: int = knob(250, ge=1, doc="meta-iterations between bank image grids")
-    device: str = knob("auto", choices=("auto", "cpu", "cuda"))
-    batched: bool = knob(True, doc="vmap over teachers and tasks (False: the plain loop)")
+    batching: str = knob("auto", choices=("auto", "vmap", "loop"),
+                         doc="vmap over teachers and tasks, or the plain loop; auto: vmap on CUDA, loop on CPU")
 
 
 @dataclass(frozen=True)
@@ -138,14 +138,14 @@ class Params:
     meta_learner: str = knob("maml", choices=META_LEARNERS)
     way_train: int = knob(5, ge=2)
     num_sup_train: int = knob(1, ge=1)
-    num_qur_train: int = knob(15, ge=1)
-    episode_train: int = knob(8000, ge=1, doc="meta-training tasks (iterations × episode_batch)")
+    num_qur_train: int = knob(5, ge=1, doc="query images per class of a pseudo task (reference: 15)")
+    episode_train: int = knob(6000, ge=1, doc="meta-training tasks (iterations × episode_batch)")
     episode_batch: int = knob(4, ge=1, doc="tasks per meta-iteration")
     inner_update_num: int = knob(1, ge=0)
     inner_lr: float = knob(0.01, gt=0.0)
     outer_lr: float = knob(0.001, gt=0.0)
     approx: bool = knob(False, doc="first-order MAML")
-    synthesis_per_class: int = knob(16, ge=2, doc="bank images per class")
+    synthesis_per_class: int = knob(6, ge=2, doc="bank images per class (shots + queries; reference: 16)")
     adv_scale: float = knob(10.0, ge=0.0, doc="weight of the adversarial (curriculum) term")
     adv_start: int = knob(100, ge=0, doc="meta-iteration at which the switch first turns on")
     patience: int = knob(6, ge=1, doc="stagnant meta-iterations before the switch turns on")
@@ -159,6 +159,8 @@ class Params:
     episode_test: int = knob(600, ge=1)
     test_inner_update_num: int = knob(10, ge=0)
     icfil: bool = knob(False, doc="inversion calibration following the inner loop (test time)")
+    # where to compute
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto: CUDA when present, else CPU")
     # tracking
     tracking: bool = knob(True, doc="log to MLflow")
     experiment_name: str = knob("purer", doc="MLflow experiment")

@@ -17,6 +17,17 @@ import torch
 import torch.distributed as dist
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present (this rank's GPU under torchrun), else CPU."""
+    from .errors import UserError
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'.")
+    if name != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's rank among ``world`` processes."""
@@ -44,6 +55,14 @@ class Ranks:
             for t in tensors:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
+    def gather(self, obj: object) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects, CPU tensors)."""
+        if not self.active:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -65,6 +84,6 @@ def setup() -> Ranks:
 
 
 def teardown(ranks: Ranks) -> None:
-    if ranks.active and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

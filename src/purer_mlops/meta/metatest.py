@@ -15,13 +15,14 @@ import torch
 
 from ..config import Params
 from ..data.dataset import ImageSet, fixed_tasks, load_split
+from ..distributed import pick_device
 from ..fileio import write_json, write_text
 from ..tracking import Tracker
 from .evaluation import TaskIndices, mean_ci95, task_accuracies
 from .icfil import ICFIL
 from .learners import MetaLearner
 from .learners import Params as ParamDict
-from .train import load_model, pick_device
+from .train import load_model
 
 
 def fixed_test_tasks(params: Params, root: Path, shot: int | None = None) -> tuple[ImageSet, list[TaskIndices]]:
@@ -58,7 +59,7 @@ def run(params: Params, root: Path, *, progress: bool = True, tracker: Tracker |
     """Meta-test ``models/meta/best`` and write ``results/metatest/``."""
     tracker = tracker or Tracker()
     started = time.perf_counter()
-    device = pick_device(params.metatrain.device)
+    device = pick_device(params.device)
     out = root / "results" / "metatest"
     models = root / "models" / "meta"
     model, card = load_model(models / "best", device)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..config import Params
 from ..data.dataset import ImageSet, fixed_tasks, load_split, sample_task_indices
 from ..data.registry import DATASETS
-from ..distributed import SINGLE, Ranks
+from ..distributed import SINGLE, Ranks, pick_device
 from ..errors import UserError
 from ..fileio import write_json, write_text, write_with
 from ..models.backbones import Classifier, build_backbone
@@ -48,13 +48,6 @@ from .inversion import TERMS, Bank, InversionLoss, Teacher, random_shift
 from .learners import MetaLearner
 
 TRAIN_COLUMNS = ("iteration", "meta_loss", "pseudo_accuracy", "inversion_loss", *TERMS, "adversarial")
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("metatrain.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'.")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -162,7 +155,11 @@ class MetaTrainer:
         self.params = params
         self.ranks = ranks
         self.oracle = oracle
-        self.device = device or pick_device(params.metatrain.device)
+        self.device = device or pick_device(params.device)
+        # vmap pays off where kernel launches dominate (CUDA); on a few CPU cores the convolutions
+        # themselves dominate and the plain loop is as fast or faster (docs/performance.md).
+        mode = params.metatrain.batching
+        self.batched = mode == "vmap" or (mode == "auto" and self.device.type == "cuda")
         info = DATASETS[params.dataset]
         self.mean, self.std, self.image_size = info.mean, info.std, info.image_size
         data = root / "data" / params.dataset
@@ -197,7 +194,7 @@ class MetaTrainer:
             self.bank = Bank(n_cls, params.synthesis_per_class, self.image_size, self.gen).to(self.device)
             self.inversion = InversionLoss(
                 self.pool.teachers, self.mean, self.std, self.image_size, params.inversion.bn,
-                params.inversion.tv, params.inversion.l2, batched=params.metatrain.batched,
+                params.inversion.tv, params.inversion.l2, batched=self.batched,
                 autocast_bf16=params.inversion.bf16).to(self.device)
             self.bank_opt = torch.optim.Adam(self.bank.parameters(), lr=params.inversion.lr)
             self.good_bank = self.bank.images.detach().clone()
@@ -264,7 +261,7 @@ class MetaTrainer:
         share = list(self.ranks.share(p.episode_batch))  # this rank's tasks of the meta-batch
         if share:
             losses, accs = self.learner.batch_loss(params, *(t[share] for t in tasks), p.way_train,
-                                                   batched=p.metatrain.batched)
+                                                   batched=self.batched)
             loss = losses.sum()
             grads = list(torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True))
             stats = torch.stack([loss.detach(), accs.sum().detach()])
@@ -289,6 +286,9 @@ class MetaTrainer:
         row = {"iteration": self.iteration, "meta_loss": float(loss), "pseudo_accuracy": float(acc),
                "inversion_loss": float(terms["loss"]), **{k: float(terms[k]) for k in TERMS},
                "adversarial": int(adversarial)}
+        for k, v in row.items():  # a skipped update left the state as it was: report its last figure
+            if not math.isfinite(v):
+                row[k] = self.history[k][-1] if self.history[k] else 0.0
         self.curriculum.observe(self.iteration, row["pseudo_accuracy"])
         for k in TRAIN_COLUMNS:
             self.history[k].append(row[k])
@@ -398,8 +398,14 @@ def run(params: Params, root: Path, *, models_dir: Path | None = None, results_d
             elif reuse_complete and (results_dir / "metrics.json").is_file():
                 return json.loads((results_dir / "metrics.json").read_text())
 
+    def save_last(tmp: Path) -> None:
+        # Through a file object: torch names the zip's root folder after a *path*'s stem (here the
+        # random temp name), which would make two identical runs' last.pt differ in bytes.
+        with open(tmp, "wb") as f:
+            torch.save({"fingerprint": fp, **trainer.state_dict()}, f)
+
     def checkpoint() -> None:
-        write_with(last, lambda tmp: torch.save({"fingerprint": fp, **trainer.state_dict()}, tmp))
+        write_with(last, save_last)
         _write_csv(results_dir / "train.csv", trainer.history)
         _write_csv(results_dir / "val.csv", trainer.val_history)
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import Params
 from ..data.dataset import ImageSet, class_view, load_split
+from ..distributed import SINGLE, Ranks
 from ..errors import UserError
 from ..fileio import write_json
 from ..models.backbones import build_backbone
@@ -197,11 +198,13 @@ def _summary(accs: list[float]) -> dict:
 
 
 def run(params: Params, root: Path, progress: bool = True,
-        device: str | torch.device = "cpu") -> dict:
+        device: str | torch.device = "cpu", ranks: Ranks = SINGLE) -> dict:
     """Train the pool into ``root/models/teachers``; write ``root/results/pretrain/metrics.json``.
 
     Returns the metrics: teacher count and held-out accuracy (percent) mean/min/max, overall,
-    ``by_arch`` and ``by_dataset``, and ``wall_seconds`` of the whole stage.
+    ``by_arch`` and ``by_dataset``, and ``wall_seconds`` of the whole stage. Under ``torchrun``
+    rank r trains teachers r, r + N, ... (they are independent and seeded by their index, so
+    the pool is the one a single process trains); rank 0 gathers and writes them.
     """
     from tqdm import tqdm
 
@@ -211,22 +214,33 @@ def run(params: Params, root: Path, progress: bool = True,
             for d in params.teacher_datasets}
     specs = plan_pool(params, {d: len(s.classes) for d, s in sets.items()})
 
-    def trained() -> Iterator[tuple[TeacherRecord, dict[str, torch.Tensor]]]:
-        # a generator: save_pool writes each teacher as soon as it is trained
+    def record(spec: TeacherSpec, acc: float) -> TeacherRecord:
+        imageset = sets[spec.dataset]
+        return TeacherRecord(arch=spec.arch, dataset=spec.dataset, image_size=imageset.image_size,
+                             mean=imageset.mean, std=imageset.std,
+                             classes=tuple(imageset.classes[c] for c in spec.class_ids),
+                             class_ids=spec.class_ids, accuracy=acc)
+
+    def trained(mine: list[TeacherSpec]) -> Iterator[tuple[TeacherSpec, dict[str, torch.Tensor], float]]:
         worst = 100.0
-        bar = tqdm(specs, desc="pretrain teachers", unit="teacher", disable=not progress)
+        bar = tqdm(mine, desc="pretrain teachers", unit="teacher", disable=not (progress and ranks.is_main))
         for spec in bar:
-            imageset = sets[spec.dataset]
-            state, acc = train_teacher(spec, imageset, params, device)
+            state, acc = train_teacher(spec, sets[spec.dataset], params, device)
             worst = min(worst, acc)
             bar.set_postfix(best_acc=f"{acc:.1f}", pool_min=f"{worst:.1f}")
-            yield TeacherRecord(
-                arch=spec.arch, dataset=spec.dataset, image_size=imageset.image_size,
-                mean=imageset.mean, std=imageset.std,
-                classes=tuple(imageset.classes[c] for c in spec.class_ids),
-                class_ids=spec.class_ids, accuracy=acc), state
+            yield spec, state, acc
 
-    records = save_pool(root / "models" / "teachers", trained())
+    if ranks.active:
+        local = {s.index: (state, acc) for s, state, acc in
+                 trained([s for i, s in enumerate(specs) if i % ranks.world == ranks.rank])}
+        done = {k: v for part in ranks.gather(local) for k, v in part.items()}
+        if not ranks.is_main:
+            return {}
+        pairs = ((record(s, done[s.index][1]), done[s.index][0]) for s in specs)
+    else:
+        # one process: save_pool writes each teacher as soon as it is trained (one in memory)
+        pairs = ((record(s, acc), state) for s, state, acc in trained(specs))
+    records = save_pool(root / "models" / "teachers", pairs)
     metrics = _summary([r.accuracy for r in records])
     for key in ("arch", "dataset"):
         groups: dict[str, list[float]] = {}
