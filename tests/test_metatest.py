@@ -20,7 +20,6 @@ import torch
 from test_metatrain import copy_project, one_thread, pool_project, tiny_params, tiny_raw, write_yaml  # noqa: F401
 
 from purer_mlops import compare
-from purer_mlops.data.dataset import load_split
 from purer_mlops.meta import metatest, train
 from purer_mlops.meta.evaluation import mean_ci95, stack_tasks
 from purer_mlops.meta.icfil import ICFIL
