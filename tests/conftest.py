@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+
+from purer_mlops.config import Params, from_dict
+from purer_mlops.data.filelist import write_filelists
+from purer_mlops.data.registry import DATASETS
+from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.pool import TeacherRecord, save_pool
+from purer_mlops.teachers import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin/: `purer`, `dvc`, `actionlint`
@@ -27,6 +35,16 @@ GLYPHS_CLASSES = {"meta_train": 64, "meta_val": 16, "meta_test": 20}
 # Files and folders a fresh clone brings that DVC needs (dvc.yaml deps, config, ignores).
 CLONE_FILES = ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config",
                ".dvc/.gitignore", "data/raw/README.md", "pyproject.toml")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread for in-process work: the tests' models are tiny, and on a small shared
+    CPU two threads contend and run many times slower (subprocesses get OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -187,3 +205,87 @@ def make_dvc_repo(root: Path, overrides: dict[str, Any] | None = None) -> Path:
 def dvc_repo(tmp_path: Path) -> Path:
     """A fresh-clone-like git + DVC repository with tiny Glyph-FS params (not yet run)."""
     return make_dvc_repo(tmp_path / "repo", {"glyphs.images_per_class": TINY_IMAGES_PER_CLASS})
+
+
+# --------------------------------------------------------------------------- tiny meta-training projects
+
+TINY: dict[str, Any] = {
+    "dataset": "glyphs", "seed": 0, "glyphs": {"images_per_class": 20},
+    "pretrain": {"epochs": 1, "batch_size": 32},
+    "way_train": 5, "num_sup_train": 1, "num_qur_train": 2, "synthesis_per_class": 3,
+    "episode_train": 12, "episode_batch": 2, "inner_update_num": 1,
+    "way_test": 5, "num_sup_test": 1, "num_qur_test": 3, "test_inner_update_num": 1,
+    "adv_start": 2, "patience": 1, "tracking": False, "device": "cpu",
+    "metatrain": {"val_interval": 2, "val_episodes": 4, "checkpoint_interval": 2, "image_interval": 3},
+}
+
+
+def tiny_raw(**changes: Any) -> dict[str, Any]:
+    """The raw params mapping of a tiny run; dotted keys (``metatrain.batched``) reach sections."""
+    raw = yaml.safe_load(yaml.safe_dump(TINY))  # deep copy
+    for key, value in changes.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            raw.setdefault(section, {})[sub] = value
+        else:
+            raw[key] = value
+    return raw
+
+
+def tiny_params(**changes: Any) -> Params:
+    return from_dict(tiny_raw(**changes))
+
+
+def small_glyphs(tiny: Path, root: Path, train_classes: int = 10, other_classes: int = 5) -> Path:
+    """``root/data/glyphs``: the first classes of the session's tiny Glyph-FS, with filelists."""
+    dest = Path(root) / "data" / "glyphs"
+    for split, n in (("meta_train", train_classes), ("meta_val", other_classes), ("meta_test", other_classes)):
+        for cls in sorted(p for p in (tiny / split).iterdir() if p.is_dir())[:n]:
+            shutil.copytree(cls, dest / split / cls.name)
+    write_filelists(dest)
+    return dest
+
+
+def random_pool(folder: Path, specs: list[tuple[str, int, tuple[int, ...]]], seed: int = 0) -> list[TeacherRecord]:
+    """Untrained teachers ``(arch, image_size, class_ids)`` saved as a pool.
+
+    A few train-mode passes on noise give them non-trivial BatchNorm running statistics.
+    """
+    info = DATASETS["glyphs"]
+
+    def teachers():
+        for i, (arch, size, ids) in enumerate(specs):
+            torch.manual_seed(seed + i)
+            model = build_backbone(arch, len(ids), size).train()
+            with torch.no_grad():
+                for _ in range(2):
+                    model(torch.randn(8, 3, size, size))
+            yield TeacherRecord(arch, "glyphs", size, info.mean, info.std,
+                                tuple(f"class_{c:02d}" for c in ids), tuple(ids)), model.eval()
+
+    return save_pool(folder, teachers())
+
+
+
+
+def write_yaml(root: Path, raw: dict[str, Any]) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+
+
+@pytest.fixture(scope="module")
+def pool_project(tmp_path_factory: pytest.TempPathFactory, tiny_glyphs: Path) -> Path:
+    """10 meta-train classes and a real pool of 2 conv4 teachers (1 epoch). Copy before use."""
+    root = tmp_path_factory.mktemp("pool_project")
+    small_glyphs(tiny_glyphs, root)
+    write_yaml(root, tiny_raw())
+    pretrain.run(tiny_params(), root, progress=False)
+    return root
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("results"))
+    return dest
+
+

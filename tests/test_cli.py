@@ -227,7 +227,8 @@ def test_small_split_refuses_the_default_task(tmp_path):
 def test_presets_list_validate_and_spell_the_dvc_command(tmp_path):
     listed = run_purer(tmp_path, "preset")
     assert listed.returncode == 0, listed.stderr
-    assert {"cifar_51_conv4", "cifar_55_conv4", "purer_plus"} <= {line.split()[0] for line in listed.stdout.splitlines()}
+    names = {line.split()[0] for line in listed.stdout.splitlines()}
+    assert {"cifar_51_conv4", "cifar_55_conv4", "purer_plus"} <= names
     shown = run_purer(tmp_path, "preset", "cifar_55_conv4")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("dvc exp run -n cifar_55_conv4 ")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_metatrain import random_pool, small_glyphs, tiny_params
+from conftest import random_pool, small_glyphs, tiny_params
 
 from purer_mlops.meta import train
 from purer_mlops.meta.curriculum import Curriculum
@@ -81,15 +81,6 @@ def test_state_dict_round_trip_continues_identically() -> None:
     fresh = Curriculum(adv_start=3, patience=2)
     fresh.load_state_dict(Curriculum(adv_start=3, patience=2).state_dict())
     assert fresh.best == -math.inf and not fresh.pending
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads contend and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

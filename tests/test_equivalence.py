@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_metatrain import random_pool, small_glyphs, tiny_params
+from conftest import random_pool, small_glyphs, tiny_params
 
 from purer_mlops.meta import train
 from purer_mlops.meta.inversion import TERMS
@@ -28,15 +28,6 @@ POOLS = {
     "mixed": [("conv4", 32, (0, 1, 2, 3, 4)), ("conv4", 32, (5, 6, 7, 8, 9)),
               ("resnet10", 16, (0, 2, 4, 6, 8)), ("resnet10", 16, (1, 3, 5, 7, 9))],
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads contend and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,6 @@ from purer_mlops.models.backbones import batchnorm_layers, build_backbone, captu
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads contend and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def teacher(classes: list[int], arch: str = "conv4", size: int = 16, seed: int = 0,
             mean=MEAN, std=STD, warm: bool = True) -> Teacher:
     """A random teacher; ``warm`` runs a few train-mode passes so its running statistics are not 0/1."""

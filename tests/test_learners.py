@@ -21,15 +21,6 @@ from purer_mlops.models.backbones import build_backbone
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads contend and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(way: int, dtype: torch.dtype = torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     return build_backbone("conv4", way, SIZE, track_running_stats=False).to(dtype)

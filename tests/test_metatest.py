@@ -17,15 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_metatrain import copy_project, one_thread, pool_project, tiny_params, tiny_raw, write_yaml  # noqa: F401
+from conftest import copy_project, tiny_params, tiny_raw, write_yaml
 
 from purer_mlops import compare
 from purer_mlops.meta import metatest, train
 from purer_mlops.meta.evaluation import mean_ci95, stack_tasks
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.learners import MetaLearner
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_interval_is_1_96_std_over_sqrt_n() -> None:

@@ -15,119 +15,22 @@ with ``test_curriculum.py`` and ``test_equivalence.py``.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import yaml
-from conftest import tool_env
+from conftest import copy_project, random_pool, tiny_params, tiny_raw, tool_env, write_yaml
 
-from purer_mlops.config import Params, from_dict
-from purer_mlops.data.filelist import write_filelists
-from purer_mlops.data.registry import DATASETS
+from purer_mlops.config import from_dict
 from purer_mlops.errors import UserError
 from purer_mlops.meta import train
-from purer_mlops.models.backbones import build_backbone
-from purer_mlops.models.pool import TeacherRecord, save_pool
-from purer_mlops.teachers import pretrain
-
-# --------------------------------------------------------------------------- helpers
-
-TINY: dict[str, Any] = {
-    "dataset": "glyphs", "seed": 0, "glyphs": {"images_per_class": 20},
-    "pretrain": {"epochs": 1, "batch_size": 32},
-    "way_train": 5, "num_sup_train": 1, "num_qur_train": 2, "synthesis_per_class": 3,
-    "episode_train": 12, "episode_batch": 2, "inner_update_num": 1,
-    "way_test": 5, "num_sup_test": 1, "num_qur_test": 3, "test_inner_update_num": 1,
-    "adv_start": 2, "patience": 1, "tracking": False, "device": "cpu",
-    "metatrain": {"val_interval": 2, "val_episodes": 4, "checkpoint_interval": 2, "image_interval": 3},
-}
-
-
-def tiny_raw(**changes: Any) -> dict[str, Any]:
-    """The raw params mapping of a tiny run; dotted keys (``metatrain.batched``) reach sections."""
-    raw = yaml.safe_load(yaml.safe_dump(TINY))  # deep copy
-    for key, value in changes.items():
-        section, _, sub = key.partition(".")
-        if sub:
-            raw.setdefault(section, {})[sub] = value
-        else:
-            raw[key] = value
-    return raw
-
-
-def tiny_params(**changes: Any) -> Params:
-    return from_dict(tiny_raw(**changes))
-
-
-def small_glyphs(tiny: Path, root: Path, train_classes: int = 10, other_classes: int = 5) -> Path:
-    """``root/data/glyphs``: the first classes of the session's tiny Glyph-FS, with filelists."""
-    dest = Path(root) / "data" / "glyphs"
-    for split, n in (("meta_train", train_classes), ("meta_val", other_classes), ("meta_test", other_classes)):
-        for cls in sorted(p for p in (tiny / split).iterdir() if p.is_dir())[:n]:
-            shutil.copytree(cls, dest / split / cls.name)
-    write_filelists(dest)
-    return dest
-
-
-def random_pool(folder: Path, specs: list[tuple[str, int, tuple[int, ...]]], seed: int = 0) -> list[TeacherRecord]:
-    """Untrained teachers ``(arch, image_size, class_ids)`` saved as a pool.
-
-    A few train-mode passes on noise give them non-trivial BatchNorm running statistics.
-    """
-    info = DATASETS["glyphs"]
-
-    def teachers():
-        for i, (arch, size, ids) in enumerate(specs):
-            torch.manual_seed(seed + i)
-            model = build_backbone(arch, len(ids), size).train()
-            with torch.no_grad():
-                for _ in range(2):
-                    model(torch.randn(8, 3, size, size))
-            yield TeacherRecord(arch, "glyphs", size, info.mean, info.std,
-                                tuple(f"class_{c:02d}" for c in ids), tuple(ids)), model.eval()
-
-    return save_pool(folder, teachers())
-
 
 ENV = tool_env({"OMP_NUM_THREADS": "1"})  # subprocesses: one thread, as :func:`one_thread` in-process
-
-
-def write_yaml(root: Path, raw: dict[str, Any]) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads contend and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pool_project(tmp_path_factory: pytest.TempPathFactory, tiny_glyphs: Path) -> Path:
-    """10 meta-train classes and a real pool of 2 conv4 teachers (1 epoch). Copy before use."""
-    root = tmp_path_factory.mktemp("pool_project")
-    small_glyphs(tiny_glyphs, root)
-    write_yaml(root, tiny_raw())
-    pretrain.run(tiny_params(), root, progress=False)
-    return root
-
-
-def copy_project(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("results"))
-    return dest
 
 
 # --------------------------------------------------------------------------- tests

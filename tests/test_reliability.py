@@ -32,10 +32,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, copy_glyphs, set_key, tool_env
+from conftest import REPO, copy_glyphs, random_pool, set_key, small_glyphs, tool_env
 from PIL import Image
 from safetensors.torch import save as save_safetensors
-from test_metatrain import random_pool, small_glyphs
 
 from purer_mlops import fileio
 from purer_mlops.config import ConfigError, Params, from_dict
