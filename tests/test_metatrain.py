@@ -158,3 +158,12 @@ def test_average_needs_a_homogeneous_pool(tmp_path: Path) -> None:
     for key in ("head.weight", "features.body.1.weight", "features.body.0.weight"):
         expected = (pool.state_dicts[0][key] + pool.state_dicts[1][key]) / 2
         torch.testing.assert_close(state[key], expected)
+
+
+def test_fingerprint_ignores_what_training_does_not_read(pool_project: Path) -> None:
+    pool = pool_project / "models" / "teachers"
+    base = train.fingerprint(tiny_params(), pool, False)
+    test_time_only = tiny_params(**{"compare.shots": [1], "episode_test": 3, "icfil": True})
+    assert train.fingerprint(test_time_only, pool, False) == base
+    assert train.fingerprint(tiny_params(adv_scale=0.5), pool, False) != base
+    assert train.fingerprint(tiny_params(), pool, True) != base

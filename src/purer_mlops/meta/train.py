@@ -138,10 +138,18 @@ def bank_grid(bank: torch.Tensor, mean, std, classes: int = 10, per_class: int =
     return (grid.numpy() * 255).round().astype(np.uint8)
 
 
+# Parameters meta-training does not read (test time, the table, tracking) or reads through the
+# pool (whose pool.json is part of the fingerprint): changing them must not discard a checkpoint.
+NOT_TRAINING = ("episode_test", "icfil", "calibration.", "metatest.", "compare.", "tracking",
+                "experiment_name", "glyphs.", "pretrain.", "pre_backbone", "pool_mode", "APInum",
+                "way_pretrain", "pool_datasets", "metatrain.checkpoint_interval", "metatrain.image_interval")
+
+
 def fingerprint(params: Params, pool_dir: Path, oracle: bool) -> str:
-    """Identity of a run: a checkpoint is resumed only by the run it belongs to."""
+    """Identity of a run: a checkpoint is resumed (or reused) only by the run it belongs to."""
     pool_json = pool_dir / "pool.json"
-    blob = json.dumps({"params": params.flat(), "oracle": oracle,
+    training = {k: v for k, v in params.flat().items() if not k.startswith(NOT_TRAINING)}
+    blob = json.dumps({"params": training, "oracle": oracle,
                        "pool": pool_json.read_text() if pool_json.is_file() else None}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
