@@ -242,7 +242,6 @@ def preset(name: str | None, run_it: bool) -> None:
 
     import yaml
 
-
     folder = files("purer_mlops") / "presets"
     names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
     if name is None:

@@ -62,6 +62,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_csv(path: str | os.PathLike, columns: dict[str, list[float]]) -> None:
+    """Write equal-length columns as a CSV with a header row (6 significant digits), atomically."""
+    lines = [",".join(columns)] + [",".join(f"{v:.6g}" for v in row) for row in zip(*columns.values(), strict=True)]
+    write_text(path, "\n".join(lines) + "\n")
+
+
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -16,7 +16,7 @@ import torch
 from ..config import Params
 from ..data.dataset import ImageSet, fixed_tasks, load_split
 from ..distributed import pick_device
-from ..fileio import write_json, write_text
+from ..fileio import write_csv, write_json
 from ..tracking import Tracker
 from .evaluation import TaskIndices, mean_ci95, task_accuracies
 from .icfil import ICFIL
@@ -82,8 +82,7 @@ def run(params: Params, root: Path, *, progress: bool = True, tracker: Tracker |
             "note": "best meta-TEST accuracy over checkpoints (the reference code's protocol; "
                     "optimistic, for comparison with the paper only)"}
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
-    lines = [",".join(columns)] + [",".join(f"{v:.6g}" for v in row) for row in zip(*columns.values(), strict=True)]
-    write_text(out / "per_task.csv", "\n".join(lines) + "\n")
+    write_csv(out / "per_task.csv", columns)
     write_json(out / "metrics.json", metrics)
     tracker.log_metrics({"test_accuracy": metrics["accuracy"], "test_ci95": metrics["ci95"]})
     tracker.log_artifact(out / "metrics.json")

@@ -38,7 +38,7 @@ from ..data.dataset import ImageSet, fixed_tasks, load_split, sample_task_indice
 from ..data.registry import DATASETS
 from ..distributed import SINGLE, Ranks, pick_device
 from ..errors import UserError
-from ..fileio import write_json, write_text, write_with
+from ..fileio import write_csv, write_json, write_with
 from ..models.backbones import Classifier, build_backbone
 from ..models.pool import load_pool
 from ..tracking import Tracker
@@ -335,12 +335,6 @@ class MetaTrainer:
             self.bank_opt.load_state_dict(state["bank_opt"])
 
 
-def _write_csv(path: Path, columns: dict[str, list[float]]) -> None:
-    names = list(columns)
-    lines = [",".join(names)] + [",".join(f"{v:.6g}" for v in row) for row in zip(*columns.values(), strict=True)]
-    write_text(path, "\n".join(lines) + "\n")
-
-
 def model_card(params: Params, trainer: MetaTrainer, iteration: int, accuracy: float) -> dict:
     """What a checkpoint needs to be rebuilt and used (written beside its weights)."""
     return {"backbone": params.backbone, "way": params.way_train, "image_size": trainer.image_size,
@@ -414,8 +408,8 @@ def run(params: Params, root: Path, *, models_dir: Path | None = None, results_d
 
     def checkpoint() -> None:
         write_with(last, save_last)
-        _write_csv(results_dir / "train.csv", trainer.history)
-        _write_csv(results_dir / "val.csv", trainer.val_history)
+        write_csv(results_dir / "train.csv", trainer.history)
+        write_csv(results_dir / "val.csv", trainer.val_history)
 
     def save_images() -> None:
         if trainer.bank is None:
