@@ -164,8 +164,9 @@ class MetaTrainer:
         self.ranks = ranks
         self.oracle = oracle
         self.device = device or pick_device(params.device)
-        # vmap pays off where kernel launches dominate (CUDA); on a few CPU cores the convolutions
-        # themselves dominate and the plain loop is as fast or faster (docs/performance.md).
+        # vmap pays off where kernel launches dominate (CUDA); on a few CPU cores memory-bound
+        # passes over the activations dominate, vmap adds layout copies and the loop is faster
+        # (docs/performance.md).
         mode = params.metatrain.batching
         self.batched = mode == "vmap" or (mode == "auto" and self.device.type == "cuda")
         info = DATASETS[params.dataset]
