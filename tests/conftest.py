@@ -201,6 +201,21 @@ def make_dvc_repo(root: Path, overrides: dict[str, Any] | None = None) -> Path:
     return root
 
 
+# params.yaml overrides that make a fresh clone's whole pipeline run in seconds: tiny Glyph-FS,
+# two random teachers, first-order MAML, four meta-iterations, ten test tasks.
+CLONE_TINY: dict[str, Any] = {
+    "glyphs.images_per_class": TINY_IMAGES_PER_CLASS,
+    "pretrain.epochs": 1,
+    "pool_mode": "random", "APInum": 2,
+    "episode_train": 8, "episode_batch": 2,  # 4 meta-iterations
+    "num_qur_train": 5, "num_qur_test": 5, "synthesis_per_class": 6,
+    "approx": True, "test_inner_update_num": 2,
+    "adv_start": 1, "episode_test": 10,
+    "metatrain.val_interval": 2, "metatrain.val_episodes": 5,
+    "metatrain.checkpoint_interval": 2, "metatrain.image_interval": 2,
+}
+
+
 @pytest.fixture
 def dvc_repo(tmp_path: Path) -> Path:
     """A fresh-clone-like git + DVC repository with tiny Glyph-FS params (not yet run)."""

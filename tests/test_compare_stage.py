@@ -11,27 +11,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_IMAGES_PER_CLASS, make_dvc_repo, run_dvc
+from conftest import CLONE_TINY, make_dvc_repo, run_dvc
 
 from purer_mlops.config import METHODS
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "glyphs.images_per_class": TINY_IMAGES_PER_CLASS,
-    "pretrain.epochs": 1,
-    "pool_mode": "random", "APInum": 2,
-    "episode_train": 8, "episode_batch": 2,  # 4 meta-iterations per model
-    "num_qur_train": 5, "num_qur_test": 5, "synthesis_per_class": 6,
-    "approx": True, "test_inner_update_num": 2, "episode_test": 10,
-    "metatrain.val_interval": 2, "metatrain.val_episodes": 5,
-    "metatrain.checkpoint_interval": 2, "metatrain.image_interval": 2,
-    "calibration.inversion_steps": 2,
-}
-
 
 def test_dvc_repro_compare_builds_the_table_from_the_main_pipeline(tmp_path):
-    root = make_dvc_repo(tmp_path / "repo", TINY)
+    root = make_dvc_repo(tmp_path / "repo", {**CLONE_TINY, "calibration.inversion_steps": 2})
     run_dvc(root, "repro", check=True)
     assert not (root / "results" / "compare").exists()  # not part of the default run
 

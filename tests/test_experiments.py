@@ -20,26 +20,15 @@ from urllib.parse import urlencode
 from urllib.request import Request, urlopen
 
 import pytest
-from conftest import BIN, TINY_IMAGES_PER_CLASS, git, make_dvc_repo, run_dvc, tool_env
+from conftest import BIN, CLONE_TINY, git, make_dvc_repo, run_dvc, tool_env
 
-TINY = {
-    "glyphs.images_per_class": TINY_IMAGES_PER_CLASS,
-    "pretrain.epochs": 1,
-    "pool_mode": "random", "APInum": 2,
-    "episode_train": 8, "episode_batch": 2,  # 4 meta-iterations
-    "num_qur_train": 5, "num_qur_test": 5, "synthesis_per_class": 6,
-    "approx": True, "test_inner_update_num": 2,
-    "adv_start": 1, "episode_test": 10,
-    "metatrain.val_interval": 2, "metatrain.val_episodes": 5,
-    "metatrain.checkpoint_interval": 2, "metatrain.image_interval": 2,
-}
 METATRAIN = "tags.`purer.stage` = 'metatrain'"
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> dict:
     """The clone after `dvc repro` (committed) and `dvc exp run -S adv_scale=0.5`."""
-    root = make_dvc_repo(tmp_path_factory.mktemp("exp") / "repo", TINY)
+    root = make_dvc_repo(tmp_path_factory.mktemp("exp") / "repo", CLONE_TINY)
     run_dvc(root, "repro", check=True)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "baseline")
