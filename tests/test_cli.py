@@ -12,6 +12,7 @@ import pytest
 from conftest import BIN, copy_glyphs, run_purer, write_params
 from PIL import Image
 
+from purer_mlops.config import Params
 from purer_mlops.data.dataset import ImageSet, load_split
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.errors import UserError
@@ -112,8 +113,10 @@ def test_missing_params_file_is_a_clear_error(tmp_path):
 def test_params_command_prints_every_flat_key(project):
     proc = run_purer(project, "params")
     assert proc.returncode == 0, proc.stderr
-    assert "adv_scale: 10.0" in proc.stdout.splitlines()
-    assert "inversion.lr: 0.25" in proc.stdout.splitlines()
+    lines = proc.stdout.splitlines()
+    assert "adv_scale: 10.0  # weight of the adversarial (curriculum) term of the bank update" in lines
+    assert any(line.startswith("inversion.lr: 0.25  # ") for line in lines)
+    assert len(lines) == len(Params().flat())
     assert _files(project) == ["params.yaml"]
 
 

@@ -16,8 +16,11 @@ import pytest
 import torch
 from conftest import random_pool, small_glyphs, tiny_params
 
-from purer_mlops.meta import train
+from purer_mlops.meta import trainer as trainer_module
 from purer_mlops.meta.curriculum import Curriculum
+from purer_mlops.meta.train import build_trainer
+from purer_mlops.meta.trainer import MetaTrainer
+from purer_mlops.paths import Project
 
 
 def fires(c: Curriculum, accuracies: list[float]) -> list[int]:
@@ -93,30 +96,30 @@ def adv_root(tmp_path_factory: pytest.TempPathFactory, tiny_glyphs: Path) -> Pat
 
 def test_adversarial_update_raises_the_pseudo_task_loss(adv_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = tiny_params(adv_scale=100.0, **{"inversion.lr": 0.05})
-    adv, plain = train.MetaTrainer(params, adv_root), train.MetaTrainer(params, adv_root)
+    adv, plain = build_trainer(params, Project(adv_root)), build_trainer(params, Project(adv_root))
     assert torch.equal(adv.bank.images, plain.bank.images)
 
     # remember the generator state the adversarial task is drawn from, to redraw that task
     states: list[torch.Tensor] = []
-    real = train.sample_pseudo_tasks
+    real = trainer_module.sample_pseudo_tasks
 
     def recording(bank, tasks, way, shot, query, gen):
         states.append(gen.get_state())
         return real(bank, tasks, way, shot, query, gen)
 
-    monkeypatch.setattr(train, "sample_pseudo_tasks", recording)
+    monkeypatch.setattr(trainer_module, "sample_pseudo_tasks", recording)
     adv.curriculum.pending = True
     assert adv.bank_step()[1] is True
     assert len(states) == 1  # the adversarial task
     assert plain.bank_step()[1] is False
     assert len(states) == 1
 
-    def query_loss(trainer: train.MetaTrainer) -> float:
+    def query_loss(trainer: MetaTrainer) -> float:
         gen = torch.Generator()
         gen.set_state(states[0])
-        xs, ys, xq, yq = real(trainer.bank.images.detach(), 1, params.way_train, params.num_sup_train,
-                              params.num_qur_train, gen)
-        loss, _ = trainer.learner.task_loss(trainer.params_dict(), xs[0], ys[0], xq[0], yq[0], params.way_train)
+        task = real(trainer.bank.images.detach(), 1, params.way_train, params.num_sup_train,
+                    params.num_qur_train, gen).task(0)
+        loss, _ = trainer.learner.task_loss(trainer.weights(), *task, params.way_train)
         return float(loss.detach())
 
     assert not torch.equal(adv.bank.images, plain.bank.images)

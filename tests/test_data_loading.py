@@ -18,12 +18,12 @@ from purer_mlops.data.dataset import (
     decode_image,
     fixed_tasks,
     load_split,
-    sample_task,
     sample_task_indices,
 )
 from purer_mlops.data.filelist import read_filelist, write_filelists
 from purer_mlops.data.registry import DATASETS, SPLITS
 from purer_mlops.errors import UserError
+from purer_mlops.meta.tasks import stack_tasks
 
 
 @pytest.fixture(scope="module")
@@ -232,23 +232,21 @@ def test_sample_task_shapes_labels_and_disjointness(meta_test):
         assert (meta_test.labels[sup[i]] == c).all() and (meta_test.labels[qry[i]] == c).all()
         assert len(set(sup[i].tolist() + qry[i].tolist())) == shot + query
 
-    task = sample_task(meta_test, way, shot, query, torch.Generator().manual_seed(7))
-    assert task.support.shape == (way * shot, 3, 32, 32) and task.support.dtype == torch.uint8
-    assert task.query.shape == (way * query, 3, 32, 32)
-    assert task.support_labels.tolist() == [c for c in range(way) for _ in range(shot)]
-    assert task.query_labels.tolist() == [c for c in range(way) for _ in range(query)]
-    assert torch.equal(task.classes, classes)
-    assert torch.equal(task.support, meta_test.images[sup.reshape(-1)])
+    task = stack_tasks(meta_test, [(classes, sup, qry)], torch.device("cpu"))
+    assert task.xs.shape == (1, way * shot, 3, 32, 32) and task.xs.dtype == torch.float32
+    assert task.xq.shape == (1, way * query, 3, 32, 32) and task.way == way
+    assert task.ys[0].tolist() == [c for c in range(way) for _ in range(shot)]
+    assert task.yq[0].tolist() == [c for c in range(way) for _ in range(query)]
+    assert torch.equal(task.xs[0], meta_test.normalize(meta_test.images[sup.reshape(-1)]))
 
 
 def test_same_seed_same_task_other_seed_other_task(meta_test):
     def draw(seed):
-        return sample_task(meta_test, 5, 1, 15, torch.Generator().manual_seed(seed))
+        return sample_task_indices(meta_test.by_class, 5, 1, 15, torch.Generator().manual_seed(seed))
 
     a, b, c = draw(3), draw(3), draw(4)
-    assert torch.equal(a.support, b.support) and torch.equal(a.query, b.query)
-    assert torch.equal(a.classes, b.classes)
-    assert not (torch.equal(a.classes, c.classes) and torch.equal(a.query, c.query))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_fixed_tasks_depend_only_on_the_seed(meta_test):

@@ -29,7 +29,7 @@ def torchrun(root: Path, *args: str):
     """``torchrun --nproc_per_node=2 -m purer_mlops ARGS`` (gloo on CPU), in ``root``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "purer_mlops", *args]
-    return run(cmd, cwd=root, timeout=600, env={"OMP_NUM_THREADS": "1"})
+    return run(cmd, cwd=root, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def pretrained(tmp_path_factory, tiny_glyphs: Path) -> Path:
     shutil.copy(Path(__file__).parents[1] / "params.yaml", root / "params.yaml")
     shutil.copytree(tiny_glyphs, root / "data" / "glyphs")
     write_params(root, TINY)
-    proc = run_purer(root, "pretrain", "--quiet", env={"OMP_NUM_THREADS": "1"})
+    proc = run_purer(root, "pretrain", "--quiet")
     assert proc.returncode == 0, proc.stderr
     return root
 
@@ -60,7 +60,7 @@ def test_metatraining_on_two_ranks_matches_one_process(pretrained: Path, tmp_pat
     for name in ("one", "two"):
         roots[name] = tmp_path / name
         shutil.copytree(pretrained, roots[name])
-    proc = run_purer(roots["one"], "metatrain", "--quiet", env={"OMP_NUM_THREADS": "1"})
+    proc = run_purer(roots["one"], "metatrain", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = torchrun(roots["two"], "metatrain", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]

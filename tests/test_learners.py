@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from purer_mlops.meta.learners import MetaLearner, meta_parameters
+from purer_mlops.meta.learners import MetaLearner, build_learner
+from purer_mlops.meta.tasks import TaskBatch
 from purer_mlops.models.backbones import build_backbone
 
 SIZE = 16
@@ -40,7 +41,7 @@ def task(way: int, shot: int, query: int, dtype: torch.dtype = torch.float32, se
 
 
 def leaf_params(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().requires_grad_() for k, v in meta_parameters(model).items()}
+    return {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
 
 
 def flat(ts) -> torch.Tensor:
@@ -57,8 +58,8 @@ def test_maml_second_order_meta_gradient_matches_finite_differences() -> None:
     model = tiny_model(way, torch.float64)
     data = task(way, shot=2, query=2, dtype=torch.float64)
     # a large inner step makes the second-order terms big enough to tell apart
-    so = MetaLearner(model, "maml", inner_steps=2, inner_lr=0.3)
-    fo = MetaLearner(model, "maml", inner_steps=2, inner_lr=0.3, first_order=True)
+    so = build_learner("maml", model, inner_steps=2, inner_lr=0.3)
+    fo = build_learner("maml", model, inner_steps=2, inner_lr=0.3, first_order=True)
     params = leaf_params(model)
     g_so, g_fo = meta_grad(so, params, data, way), meta_grad(fo, params, data, way)
 
@@ -96,7 +97,7 @@ def test_maml_second_order_meta_gradient_matches_finite_differences() -> None:
 def test_anil_inner_loop_adapts_only_the_head() -> None:
     way = 3
     model = tiny_model(way)
-    learner = MetaLearner(model, "anil", inner_steps=3, inner_lr=0.05)
+    learner = build_learner("anil", model, inner_steps=3, inner_lr=0.05)
     params = leaf_params(model)
     xs, ys, _, _ = task(way, shot=2, query=1)
     adapted = learner.adapt(params, xs, ys)
@@ -114,7 +115,7 @@ def test_anil_inner_loop_adapts_only_the_head() -> None:
 def test_protonet_logits_are_negative_squared_distances_to_class_means() -> None:
     way, shot, query = 3, 2, 2
     model = tiny_model(way)
-    learner = MetaLearner(model, "protonet", inner_steps=5, inner_lr=0.5)
+    learner = build_learner("protonet", model, inner_steps=5, inner_lr=0.5)
     params = leaf_params(model)
     xs, ys, xq, yq = task(way, shot, query)
     logits = learner.query_logits(params, xs, ys, xq, way)
@@ -134,12 +135,12 @@ def test_batch_loss_batched_equals_loop(kind: str) -> None:
     # float64, so that a wrong batching rule (~1e-4) stands far above rounding (~1e-15)
     way = 3
     model = tiny_model(way, torch.float64)
-    learner = MetaLearner(model, kind, inner_steps=2, inner_lr=0.1)
+    learner = build_learner(kind, model, inner_steps=2, inner_lr=0.1)
     params = leaf_params(model)
     data = task(way, shot=1, query=2, dtype=torch.float64, tasks=3)
     out = {}
     for batched in (True, False):
-        losses, accs = learner.batch_loss(params, *data, way, batched=batched)
+        losses, accs = learner.batch_loss(params, TaskBatch(*data, way), batched=batched)
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True,
                                     materialize_grads=True)
         out[batched] = (losses.detach(), accs, flat(grads))

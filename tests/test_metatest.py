@@ -21,9 +21,12 @@ from conftest import copy_project, tiny_params, tiny_raw, write_yaml
 
 from purer_mlops import compare
 from purer_mlops.meta import metatest, train
-from purer_mlops.meta.evaluation import mean_ci95, stack_tasks
+from purer_mlops.meta.evaluation import mean_ci95
 from purer_mlops.meta.icfil import ICFIL
-from purer_mlops.meta.learners import MetaLearner
+from purer_mlops.meta.learners import build_learner
+from purer_mlops.meta.pool import init_meta_model
+from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.paths import Project
 
 
 def test_interval_is_1_96_std_over_sqrt_n() -> None:
@@ -36,22 +39,22 @@ def test_interval_is_1_96_std_over_sqrt_n() -> None:
 
 def test_fixed_tasks_are_the_same_images_for_every_method(pool_project: Path) -> None:
     p = tiny_params(episode_test=7)
-    test_a, tasks_a = metatest.fixed_test_tasks(p, pool_project)
-    test_b, tasks_b = metatest.fixed_test_tasks(p, pool_project)
-    xs_a, _, xq_a, _ = stack_tasks(test_a, tasks_a, torch.device("cpu"))
-    xs_b, _, xq_b, _ = stack_tasks(test_b, tasks_b, torch.device("cpu"))
-    assert torch.equal(xs_a, xs_b) and torch.equal(xq_a, xq_b)
-    other = metatest.fixed_test_tasks(p.replace(**{"metatest.seed": 7}), pool_project)[1]
+    test_a, tasks_a = metatest.fixed_test_tasks(p, Project(pool_project))
+    test_b, tasks_b = metatest.fixed_test_tasks(p, Project(pool_project))
+    a = stack_tasks(test_a, tasks_a, torch.device("cpu"))
+    b = stack_tasks(test_b, tasks_b, torch.device("cpu"))
+    assert torch.equal(a.xs, b.xs) and torch.equal(a.xq, b.xq)
+    other = metatest.fixed_test_tasks(p.replace(**{"metatest.seed": 7}), Project(pool_project))[1]
     assert any(not torch.equal(a[1], b[1]) for a, b in zip(tasks_a, other, strict=True))
 
 
 @pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
 def test_icfil_on_and_off_on_one_fixed_task(pool_project: Path, kind: str) -> None:
     p = tiny_params(meta_learner=kind, test_inner_update_num=2)
-    test, tasks = metatest.fixed_test_tasks(p.replace(episode_test=1), pool_project)
-    xs, ys, xq, _ = (t[0] for t in stack_tasks(test, tasks, torch.device("cpu")))
-    model = train.init_meta_model(p.replace(average=False), None, test.image_size)
-    learner = MetaLearner(model, kind, p.test_inner_update_num, p.inner_lr)
+    test, tasks = metatest.fixed_test_tasks(p.replace(episode_test=1), Project(pool_project))
+    xs, ys, xq, _ = stack_tasks(test, tasks, torch.device("cpu")).task(0)
+    model = init_meta_model(p.replace(average=False), None, test.image_size)
+    learner = build_learner(kind, model, p.test_inner_update_num, p.inner_lr)
     params = {k: v.detach() for k, v in model.named_parameters()}
     with torch.no_grad():
         plain = learner.query_logits(params, xs, ys, xq, p.way_test)
@@ -66,8 +69,8 @@ def test_icfil_on_and_off_on_one_fixed_task(pool_project: Path, kind: str) -> No
 def test_metatest_stage_writes_accuracy_interval_and_per_task(pool_project: Path, tmp_path: Path) -> None:
     root = copy_project(pool_project, tmp_path / "root")
     p = tiny_params(episode_test=9, icfil=True, **{"metatest.reference_protocol": True})
-    train.run(p, root, progress=False)
-    m = metatest.run(p, root, progress=False)
+    train.run(p, Project(root), progress=False)
+    m = metatest.run(p, Project(root), progress=False)
     assert m["episodes"] == 9 and 0 <= m["accuracy"] <= 100 and m["ci95"] >= 0
     assert set(m["icfil"]["gain"]) == {"difference", "ci95"}
     assert m["reference_protocol"]["checkpoints"] >= 2
@@ -82,8 +85,8 @@ def test_compare_scores_six_methods_at_two_shots_and_reuses_models(pool_project:
     raw = tiny_raw(episode_test=6, episode_train=8, average=True, **{"compare.shots": [1, 2]})
     write_yaml(root, raw)
     p = tiny_params(episode_test=6, episode_train=8, average=True, **{"compare.shots": [1, 2]})
-    train.run(p, root, progress=False)  # the main pipeline's 1-shot PURER, reused by the table
-    result = compare.run(p, root, progress=False)
+    train.run(p, Project(root), progress=False)  # the main pipeline's 1-shot PURER, reused by the table
+    result = compare.run(p, Project(root), progress=False)
     rows = json.loads((root / "results/compare/compare.json").read_text())
     assert {(r["method"], r["shot"]) for r in rows} == {(m, s) for m in p.compare.methods for s in (1, 2)}
     assert all(r["accuracy"] is not None and r["ci95"] is not None and r["episodes"] == 6 for r in rows)
@@ -95,5 +98,5 @@ def test_compare_scores_six_methods_at_two_shots_and_reuses_models(pool_project:
     trained = sorted(p.name for p in (root / "models/compare").iterdir())
     assert trained == ["ei-1shot", "ei-2shot", "oracle-1shot", "oracle-2shot", "purer-2shot"]
     stamps = {f: f.stat().st_mtime_ns for f in (root / "models/compare").rglob("best.safetensors")}
-    compare.run(p, root, progress=False)
+    compare.run(p, Project(root), progress=False)
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # nothing retrained

@@ -63,10 +63,6 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
 
 SINGLE = Ranks()  # the one process of a run without torchrun
 

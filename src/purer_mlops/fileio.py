@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +13,21 @@ from typing import Any
 
 from .errors import UserError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _create_beside(path: Path, create: Callable[[Path], None]) -> Path:
+    """A fresh hidden sibling ``.<name>.<random>.tmp`` of ``path``, made by ``create``."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _new_file(path: Path) -> None:
+    # 0o666 & ~umask, applied by the kernel (mkstemp would make it 0600)
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
 
 
 @contextmanager
@@ -26,10 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual mode
+    tmp_path = _create_beside(path, _new_file)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -44,6 +54,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document at ``path``."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -82,8 +97,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    tmp = _create_beside(path, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         old = None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .paths import Project
 
 
 class TrackingError(UserError):
@@ -48,17 +49,33 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Attach tags to the run."""
 
+    @contextmanager
+    def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
+        """A run nested under this one; a no-op tracker here."""
+        yield Tracker()
 
-# What a finished stage leaves that its run keeps, relative to the project root: files logged
-# as artifacts (per artifact folder), and the final metrics file logged as metrics.
-STAGE_ARTIFACTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "metatrain": {"checkpoints": ("models/meta/best.safetensors", "models/meta/best.json",
-                                  "models/meta/last.safetensors")},
-}
-STAGE_METRICS = {"metatrain": "results/metatrain/metrics.json"}
+
 # Stages that evaluate the meta-model: their runs are nested under the run that trained it.
 READS_META_MODEL = ("metatest", "compare")
-META_MODEL = "models/meta/best.safetensors"
+
+
+def stage_artifacts(project: Project, stage: str) -> dict[str, tuple[Path, ...]]:
+    """Files a finished stage leaves that its run keeps, per artifact folder."""
+    if stage != "metatrain":
+        return {}
+    meta = project.meta
+    return {"checkpoints": (meta.best.with_suffix(".safetensors"), meta.best.with_suffix(".json"),
+                            meta.last.with_suffix(".safetensors"))}
+
+
+def stage_metrics(project: Project, stage: str) -> Path | None:
+    """The final metrics file of a stage, logged as the run's metrics."""
+    return project.results("metatrain") / "metrics.json" if stage == "metatrain" else None
+
+
+def meta_model_file(project: Project) -> Path:
+    return project.meta.best.with_suffix(".safetensors")
+
 
 TAG_STAGE = "purer.stage"
 TAG_MODEL = "purer.model_sha256"
@@ -108,15 +125,27 @@ class MlflowTracker(Tracker):
 
     def log_stage_outputs(self, stage: str) -> None:
         """Attach what ``stage`` left in the project (checkpoints, final metrics)."""
-        for folder, files in STAGE_ARTIFACTS.get(stage, {}).items():
-            for rel in files:
-                if (self.root / rel).is_file():
-                    self.log_artifact(self.root / rel, folder)
-        if stage == "metatrain" and (self.root / META_MODEL).is_file():
-            self.set_tags({TAG_MODEL: _sha256(self.root / META_MODEL)})
-        metrics = STAGE_METRICS.get(stage)
-        if metrics and (self.root / metrics).is_file():
-            self.log_metrics_file(self.root / metrics)
+        project = Project(self.root)
+        for folder, files in stage_artifacts(project, stage).items():
+            for path in files:
+                if path.is_file():
+                    self.log_artifact(path, folder)
+        if stage == "metatrain" and meta_model_file(project).is_file():
+            self.set_tags({TAG_MODEL: _sha256(meta_model_file(project))})
+        metrics = stage_metrics(project, stage)
+        if metrics and metrics.is_file():
+            self.log_metrics_file(metrics)
+
+    @contextmanager
+    def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
+        """A run nested under this one (one per method of the comparison table)."""
+        parent = self.client.get_run(self.run_id)
+        inherited = {k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}
+        run = self.client.create_run(parent.info.experiment_id, run_name=name, tags={
+            **inherited, **{k: str(v) for k, v in tags.items()}, MLFLOW_PARENT: self.run_id, TAG_PARENT: self.run_id})
+        child = MlflowTracker(self.client, run.info.run_id, self.root)
+        with _ending(child):
+            yield child
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
@@ -209,8 +238,9 @@ def _parent_run(client: Any, experiment_id: str, root: Path, commit: str | None)
     filters = []
     if os.environ.get("DVC_EXP_NAME"):
         filters.append(f"tags.`{TAG_EXP}` = '{os.environ['DVC_EXP_NAME']}'")
-    if (root / META_MODEL).is_file():
-        filters.append(f"tags.`{TAG_MODEL}` = '{_sha256(root / META_MODEL)}'")
+    model = meta_model_file(Project(root))
+    if model.is_file():
+        filters.append(f"tags.`{TAG_MODEL}` = '{_sha256(model)}'")
     if commit:
         filters.append(f"tags.`{TAG_COMMIT}` = '{commit}'")
     for condition in filters:
@@ -259,9 +289,9 @@ def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
         for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
             client.log_batch(tracker.run_id, params=flat[i:i + 100])
         # Writing the inputs now also proves the artifact store is writable.
-        for name in ("params.yaml", "dvc.lock"):
-            if (root / name).is_file():
-                tracker.log_artifact(root / name)
+        for path in (Project(root).params_file, Project(root).dvc_lock):
+            if path.is_file():
+                tracker.log_artifact(path)
     except (MlflowException, SQLAlchemyError, OSError) as err:
         raise TrackingError(
             f"cannot log to the MLflow store {uri}: {err}. Fix the store or its folder, unset "
@@ -276,17 +306,24 @@ def open_tracker(params: Any, stage: str, root: Path) -> Iterator[Tracker]:
 
     ``tracking: false`` gives the no-op :class:`Tracker`. Otherwise the MLflow run starts
     here (a broken store raises :class:`TrackingError` before the stage starts) and ends when
-    the block does: on success after logging the stage's outputs (:data:`STAGE_ARTIFACTS`,
-    :data:`STAGE_METRICS`), else marked FAILED (KILLED on Ctrl-C).
+    the block does: on success after logging the stage's outputs (:func:`stage_artifacts`,
+    :func:`stage_metrics`), else marked FAILED (KILLED on Ctrl-C).
     """
     if not params.tracking:
         yield Tracker()
         return
     tracker = _start_run(params, stage, Path(root))
-    status = "FAILED"
-    try:
+    with _ending(tracker):
         yield tracker
         tracker.log_stage_outputs(stage)
+
+
+@contextmanager
+def _ending(tracker: MlflowTracker) -> Iterator[None]:
+    """End the tracker's run when the block does: FINISHED, KILLED on Ctrl-C, else FAILED."""
+    status = "FAILED"
+    try:
+        yield
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

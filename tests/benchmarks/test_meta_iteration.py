@@ -24,9 +24,10 @@ from PIL import Image
 from purer_mlops.config import from_dict
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import DATASETS, SPLITS
-from purer_mlops.meta.train import MetaTrainer
+from purer_mlops.meta.train import build_trainer
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import TeacherRecord, save_pool
+from purer_mlops.paths import Project
 
 DEVICE = os.environ.get("PURER_BENCH_DEVICE", "cpu")
 
@@ -87,7 +88,7 @@ def test_meta_iteration(benchmark, setting, mode):
         "inner_update_num": s["inner"], "candidate_size": s["candidate"], "tracking": False,
         "device": DEVICE, "metatrain": {"batching": "vmap" if mode == "batched" else "loop", "val_episodes": 1},
     })
-    trainer = MetaTrainer(params, root)
+    trainer = build_trainer(params, Project(root))
     benchmark.group = f"meta_iteration_{name}"
     benchmark.name = f"meta_iteration_{name}_{mode}"
 

@@ -114,25 +114,11 @@ def load_split(dataset: str, root: Path, split: str, progress: bool = False) -> 
     )
 
 
-@dataclass
-class Task:
-    """One N-way K-shot task; images stay uint8 until normalised.
-
-    Attributes:
-        support: (way·shot, 3, S, S); support_labels: (way·shot,) in 0..way-1.
-        query: (way·query, 3, S, S); query_labels: (way·query,).
-        classes: (way,) class indices into the split, in relabelled order.
-    """
-
-    support: torch.Tensor
-    support_labels: torch.Tensor
-    query: torch.Tensor
-    query_labels: torch.Tensor
-    classes: torch.Tensor
+TaskIndices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # classes (way,), support (way, shot), query (way, query)
 
 
 def sample_task_indices(by_class: Sequence[torch.Tensor], way: int, shot: int, query: int,
-                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        generator: torch.Generator) -> TaskIndices:
     """Pick ``way`` classes and disjoint support/query images of each.
 
     Returns (classes (way,), support indices (way, shot), query indices (way, query)).
@@ -147,26 +133,8 @@ def sample_task_indices(by_class: Sequence[torch.Tensor], way: int, shot: int, q
     return classes, torch.stack(sup), torch.stack(qry)
 
 
-def task_from_indices(images: torch.Tensor, classes: torch.Tensor, sup: torch.Tensor,
-                      qry: torch.Tensor) -> Task:
-    """Gather a :class:`Task` from index tensors of shape (way, shot) and (way, query)."""
-    way, shot = sup.shape
-    query = qry.shape[1]
-    return Task(
-        support=images[sup.reshape(-1)], support_labels=torch.arange(way).repeat_interleave(shot),
-        query=images[qry.reshape(-1)], query_labels=torch.arange(way).repeat_interleave(query),
-        classes=classes,
-    )
-
-
-def sample_task(imageset: ImageSet, way: int, shot: int, query: int, generator: torch.Generator) -> Task:
-    """Draw one task from ``imageset`` with the given generator."""
-    return task_from_indices(imageset.images, *sample_task_indices(imageset.by_class, way, shot, query,
-                                                                   generator))
-
-
 def fixed_tasks(imageset: ImageSet, episodes: int, way: int, shot: int, query: int,
-                seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                seed: int) -> list[TaskIndices]:
     """The same ``episodes`` task index triples for a seed, whatever method consumes them."""
     gen = torch.Generator().manual_seed(seed)
     return [sample_task_indices(imageset.by_class, way, shot, query, gen) for _ in range(episodes)]

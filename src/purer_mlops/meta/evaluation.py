@@ -14,48 +14,38 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from ..data.dataset import ImageSet
-from .learners import MetaLearner, Params
+from ..data.dataset import ImageSet, TaskIndices
+from .learners import MetaLearner, Weights
+from .tasks import TaskBatch, stack_tasks
 
-TaskIndices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def stack_tasks(imageset: ImageSet, tasks: Sequence[TaskIndices], device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalised images and labels of T tasks: xs (T, way·shot, 3, S, S), ys (T, way·shot), xq, yq."""
-    sup = torch.stack([t[1] for t in tasks])  # (T, way, shot)
-    qry = torch.stack([t[2] for t in tasks])  # (T, way, query)
-    n, way, shot = sup.shape
-    query = qry.shape[2]
-    xs = imageset.normalize(imageset.images[sup.reshape(n, -1)].to(device))
-    xq = imageset.normalize(imageset.images[qry.reshape(n, -1)].to(device))
-    ys = torch.arange(way, device=device).repeat_interleave(shot).expand(n, -1)
-    yq = torch.arange(way, device=device).repeat_interleave(query).expand(n, -1)
-    return xs, ys, xq, yq
+# predict(weights, xs, ys, xq, way) -> query logits (Q, way) of one task
+Predictor = Callable[[Weights, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def task_accuracies(learner: MetaLearner, params: Params, imageset: ImageSet,
+def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predict: Predictor | None
+                ) -> torch.Tensor:
+    """Accuracy (T,) of each task of ``tasks`` after adaptation."""
+    if predict is None:
+        with torch.no_grad():
+            return learner.batch_loss(weights, tasks, batched=True)[1]
+    return torch.stack([(predict(weights, xs, ys, xq, tasks.way).argmax(1) == yq).float().mean()
+                        for xs, ys, xq, yq in (tasks.task(i) for i in range(len(tasks)))])
+
+
+def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
                     tasks: Sequence[TaskIndices], *, chunk: int = 50, progress: bool = False,
-                    predict: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+                    predict: Predictor | None = None) -> torch.Tensor:
     """Accuracy (in [0, 1]) of the adapted meta-model on each task; shape (len(tasks),).
 
-    ``predict(params, xs, ys, xq, way) -> logits (Q, way)`` replaces the learner's own
-    adaptation for one task (ICFIL uses it); without it, tasks run ``chunk`` at a time
-    under ``vmap``.
+    ``predict`` replaces the learner's own adaptation for one task (ICFIL uses it); without
+    it, tasks run ``chunk`` at a time under ``vmap``.
     """
-    device = next(iter(params.values())).device
-    params = {k: v.detach() for k, v in params.items()}
-    way = int(tasks[0][0].numel())
+    device = next(iter(weights.values())).device
+    weights = {k: v.detach() for k, v in weights.items()}
     out = []
     for start in tqdm(range(0, len(tasks), chunk), desc="tasks", disable=not progress, leave=False):
-        xs, ys, xq, yq = stack_tasks(imageset, tasks[start:start + chunk], device)
-        if predict is None:
-            with torch.no_grad():
-                _, acc = learner.batch_loss(params, xs, ys, xq, yq, way, batched=True)
-        else:
-            acc = torch.stack([(predict(params, xs[i], ys[i], xq[i], way).argmax(1) == yq[i]).float().mean()
-                               for i in range(xs.shape[0])])
-        out.append(acc.cpu())
+        batch = stack_tasks(imageset, tasks[start:start + chunk], device)
+        out.append(_accuracies(learner, weights, batch, predict).cpu())
     return torch.cat(out)
 
 

@@ -27,7 +27,7 @@ from torch.func import grad
 
 from ..config import CalibrationParams, InversionParams
 from .inversion import total_variation
-from .learners import MetaLearner, Params
+from .learners import MetaLearner, ProtoNet, Weights, prototype_logits, prototypes
 
 
 class ICFIL:
@@ -39,7 +39,7 @@ class ICFIL:
         self.priors = priors
         self.seed = seed
 
-    def invert(self, adapted: Params, xs: torch.Tensor, ys: torch.Tensor, way: int,
+    def invert(self, adapted: Weights, xs: torch.Tensor, ys: torch.Tensor, way: int,
                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo images (way·m, 3, S, S) and their labels (way·m,) inverted from the adapted model."""
         m = self.cfg.images_per_class
@@ -67,24 +67,22 @@ class ICFIL:
             x = x - lr * (m1 / (1 - b1**t)) / ((m2 / (1 - b2**t)).sqrt() + 1e-8)
         return x.detach(), y
 
-    def __call__(self, params: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+    def __call__(self, params: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                  way: int) -> torch.Tensor:
         learner, cfg = self.learner, self.cfg
         gen = torch.Generator().manual_seed(self.seed)
-        adapted = learner.adapt(params, xs, ys) if learner.kind != "protonet" else params
+        adapted = learner.adapt(params, xs, ys)
         x_hat, y_hat = self.invert(adapted, xs, ys, way, gen)
-        if learner.kind == "protonet":
+        if isinstance(learner, ProtoNet):
             with torch.no_grad():
                 zs, zp, zq = (learner.embed(adapted, v) for v in (xs, x_hat, xq))
                 w = torch.cat([torch.ones(len(zs)), torch.full((len(zp),), cfg.pseudo_weight)]).to(zs)
-                onehot = F.one_hot(torch.cat([ys, y_hat]), way).to(zs) * w.unsqueeze(1)
-                protos = onehot.T @ torch.cat([zs, zp]) / onehot.sum(0).unsqueeze(1)
-                return -torch.cdist(zq, protos).pow(2)
+                return prototype_logits(zq, prototypes(torch.cat([zs, zp]), torch.cat([ys, y_hat]), way, w))
         with torch.no_grad():
             zs, zp = learner.embed(adapted, xs), learner.embed(adapted, x_hat)
         head = {k: v for k, v in adapted.items() if k.startswith("head.")}
 
-        def calib_loss(h: Params) -> torch.Tensor:
+        def calib_loss(h: Weights) -> torch.Tensor:
             ls = F.cross_entropy(F.linear(zs, h["head.weight"], h["head.bias"]), ys)
             lp = F.cross_entropy(F.linear(zp, h["head.weight"], h["head.bias"]), y_hat)
             return ls + cfg.pseudo_weight * lp

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from ..config import InversionParams
+from ..data.registry import DatasetInfo
 from ..models.backbones import capture_bn_inputs
 
 TERMS = ("ce", "bn", "tv", "l2")
@@ -52,6 +54,11 @@ class Teacher:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a lower precision (bf16 autocast), as it is otherwise."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -82,14 +89,6 @@ class Bank(nn.Module):
         self.images = nn.Parameter(torch.randn(num_classes, per_class, 3, image_size, image_size,
                                                generator=generator))
 
-    @property
-    def num_classes(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def per_class(self) -> int:
-        return self.images.shape[1]
-
 
 class _Group:
     """Teachers sharing architecture, input size and normalisation, stacked for ``vmap``."""
@@ -117,25 +116,23 @@ class InversionLoss:
 
     Args:
         teachers: the pool, frozen (their parameters are not trained here).
-        bank_mean, bank_std: normalisation of the bank's space (the meta-dataset's).
-        bank_size: side length of bank images.
-        a_bn, a_tv, a_l2: weights of the priors.
+        bank: size and normalisation of the bank's space (the meta-dataset's).
+        priors: weights of the priors (``bn``, ``tv``, ``l2``) and ``bf16`` (autocast of the
+            teachers' forward pass, CUDA only).
         batched: stack same-architecture teachers and ``vmap`` (True) or loop (False).
-        autocast_bf16: run teacher forward passes under bf16 autocast (CUDA only).
     """
 
-    def __init__(self, teachers: Sequence[Teacher], bank_mean: Sequence[float], bank_std: Sequence[float],
-                 bank_size: int, a_bn: float, a_tv: float, a_l2: float, batched: bool = True,
-                 autocast_bf16: bool = False):
+    def __init__(self, teachers: Sequence[Teacher], bank: DatasetInfo, priors: InversionParams,
+                 batched: bool = True):
         self.teachers = list(teachers)
         for t in self.teachers:
             t.model.eval().requires_grad_(False)
-        self.bank_mean = torch.tensor(bank_mean).view(3, 1, 1)
-        self.bank_std = torch.tensor(bank_std).view(3, 1, 1)
-        self.bank_size = bank_size
-        self.weights = {"ce": 1.0, "bn": a_bn, "tv": a_tv, "l2": a_l2}
+        self.bank_mean = torch.tensor(bank.mean).view(3, 1, 1)
+        self.bank_std = torch.tensor(bank.std).view(3, 1, 1)
+        self.bank_size = bank.image_size
+        self.weights = {"ce": 1.0, "bn": priors.bn, "tv": priors.tv, "l2": priors.l2}
         self.batched = batched
-        self.autocast_bf16 = autocast_bf16
+        self.autocast_bf16 = priors.bf16
         keys: dict[tuple, list[int]] = {}
         for i, t in enumerate(self.teachers):
             keys.setdefault((t.arch, t.image_size, len(t.classes), t.mean, t.std), []).append(i)
@@ -169,10 +166,10 @@ class InversionLoss:
         with capture_bn_inputs(model) as feats, torch.autocast(
                 x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16 and x.is_cuda):
             logits = functional_call(model, (params, buffers), (x,))
-        ce = F.cross_entropy(logits.float(), y)
+        ce = F.cross_entropy(at_least_fp32(logits), y)
         bn = x.new_zeros(())
         for key, f in zip(bn_keys, feats, strict=True):
-            f = f.float()
+            f = at_least_fp32(f)
             mu = f.mean(dim=(0, 2, 3))
             var = f.var(dim=(0, 2, 3), unbiased=False)
             bn = bn + (mu - buffers[f"{key}.running_mean"]).norm() + (var - buffers[f"{key}.running_var"]).norm()

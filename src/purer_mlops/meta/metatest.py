@@ -1,4 +1,4 @@
-"""Meta-testing: the selected meta-model on ``episode_test`` fixed, seeded real tasks.
+"""Stage ``metatest``: the selected meta-model on ``episode_test`` fixed, seeded real tasks.
 
 Reports the mean accuracy with its 95% interval (1.96·std/√n), the per-task accuracies (for
 paired comparisons between methods that share the tasks), optionally the same tasks with
@@ -9,25 +9,25 @@ the best *test* accuracy over all validated checkpoints.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from ..config import Params
-from ..data.dataset import ImageSet, fixed_tasks, load_split
+from ..data.dataset import ImageSet, TaskIndices, fixed_tasks, load_split
 from ..distributed import pick_device
 from ..fileio import write_csv, write_json
+from ..paths import Project
 from ..tracking import Tracker
-from .evaluation import TaskIndices, mean_ci95, task_accuracies
+from .checkpoint import load_model
+from .evaluation import mean_ci95, task_accuracies
 from .icfil import ICFIL
-from .learners import MetaLearner
-from .learners import Params as ParamDict
-from .train import load_model
+from .learners import build_learner
 
 
-def fixed_test_tasks(params: Params, root: Path, shot: int | None = None) -> tuple[ImageSet, list[TaskIndices]]:
+def fixed_test_tasks(params: Params, project: Project, shot: int | None = None
+                     ) -> tuple[ImageSet, list[TaskIndices]]:
     """meta_test and its fixed tasks: same seed → same images for every method."""
-    test = load_split(params.dataset, root / "data" / params.dataset, "meta_test")
+    test = load_split(params.dataset, project.dataset(params.dataset), "meta_test")
     shot = shot or params.num_sup_test
     test.check_task_shape(params.way_test, shot, params.num_qur_test,
                           ("way_test", "num_sup_test", "num_qur_test"))
@@ -38,10 +38,10 @@ def fixed_test_tasks(params: Params, root: Path, shot: int | None = None) -> tup
 def score(params: Params, model: torch.nn.Module, test: ImageSet, tasks: list[TaskIndices], *,
           icfil: bool = False, progress: bool = False) -> torch.Tensor:
     """Per-task accuracies (in [0, 1]) of ``model`` adapted with the test-time settings."""
-    learner = MetaLearner(model, params.meta_learner, params.test_inner_update_num, params.inner_lr)
-    weights: ParamDict = dict(model.named_parameters())
+    learner = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr)
     predict = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed) if icfil else None
-    return task_accuracies(learner, weights, test, tasks, progress=progress, predict=predict)
+    return task_accuracies(learner, dict(model.named_parameters()), test, tasks, progress=progress,
+                           predict=predict)
 
 
 def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -51,19 +51,32 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 
 def summary(accs: torch.Tensor) -> dict[str, float]:
+    """Mean accuracy and its 95% interval (percent) over tasks, and the task count."""
     mean, ci = mean_ci95(100.0 * accs)
     return {"accuracy": mean, "ci95": ci, "episodes": int(accs.numel())}
 
 
-def run(params: Params, root: Path, *, progress: bool = True, tracker: Tracker | None = None) -> dict:
+def reference_protocol(params: Params, project: Project, test: ImageSet, tasks: list[TaskIndices],
+                       device: torch.device) -> dict | None:
+    """The reference's number: best meta-TEST accuracy over every validated checkpoint (optimistic)."""
+    history = sorted(project.meta.history.glob("iter_*.safetensors"))
+    if not params.metatest.reference_protocol or not history:
+        return None
+    best_test = max(summary(score(params, load_model(p.with_suffix(""), device)[0], test, tasks))["accuracy"]
+                    for p in history)
+    return {"accuracy": best_test, "checkpoints": len(history),
+            "note": "best meta-TEST accuracy over checkpoints (the reference code's protocol; "
+                    "optimistic, for comparison with the paper only)"}
+
+
+def run(params: Params, project: Project, *, progress: bool = True, tracker: Tracker | None = None) -> dict:
     """Meta-test ``models/meta/best`` and write ``results/metatest/``."""
     tracker = tracker or Tracker()
     started = time.perf_counter()
     device = pick_device(params.device)
-    out = root / "results" / "metatest"
-    models = root / "models" / "meta"
-    model, card = load_model(models / "best", device)
-    test, tasks = fixed_test_tasks(params, root)
+    out = project.results("metatest")
+    model, card = load_model(project.meta.best, device)
+    test, tasks = fixed_test_tasks(params, project)
     accs = score(params, model, test, tasks, progress=progress)
     metrics: dict = {**summary(accs), "way": params.way_test, "shot": params.num_sup_test,
                      "checkpoint_iteration": card["iteration"], "val_accuracy": card["val_accuracy"]}
@@ -72,15 +85,9 @@ def run(params: Params, root: Path, *, progress: bool = True, tracker: Tracker |
         with_icfil = score(params, model, test, tasks, icfil=True, progress=progress)
         metrics["icfil"] = {**summary(with_icfil), "gain": paired(with_icfil, accs)}
         columns["accuracy_icfil"] = with_icfil.tolist()
-    # The reference reported the best test accuracy over checkpoints: optimistic, kept apart.
-    history = sorted((models / "history").glob("iter_*.safetensors"))
-    if params.metatest.reference_protocol and history:
-        best_test = max(summary(score(params, load_model(p.with_suffix(""), device)[0], test, tasks))["accuracy"]
-                        for p in history)
-        metrics["reference_protocol"] = {
-            "accuracy": best_test, "checkpoints": len(history),
-            "note": "best meta-TEST accuracy over checkpoints (the reference code's protocol; "
-                    "optimistic, for comparison with the paper only)"}
+    reference = reference_protocol(params, project, test, tasks, device)
+    if reference:
+        metrics["reference_protocol"] = reference
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_csv(out / "per_task.csv", columns)
     write_json(out / "metrics.json", metrics)

@@ -1,0 +1,143 @@
+"""The pipeline's stages as commands: prepare, filelist, pretrain, metatrain, metatest, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..paths import Project
+from .options import PARAMS, QUIET, ROOT, echo_json, load
+
+
+def register(cli: click.Group) -> None:
+    """Add the stage commands to ``cli``."""
+    for command in (prepare, filelist, pretrain, metatrain, metatest, compare):
+        cli.add_command(command)
+
+
+@click.command()
+@ROOT
+@PARAMS
+@QUIET
+@click.option("--dataset", default=None, help="Prepare this dataset instead of params' `dataset` "
+              "(e.g. extra pool_datasets).")
+def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: str | None) -> None:
+    """Lay out the dataset in the seed's folder form.
+
+    Reads params `dataset`, `glyphs` and, for real datasets, data/raw/ (see README).
+    Writes data/<dataset>/meta_{train,val,test}/<class>/<image>; `glyphs` is generated.
+    """
+    from ..data.stages import prepare as run
+
+    echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
+
+
+@click.command()
+@ROOT
+@PARAMS
+@click.option("--dataset", default=None, help="Write the filelists of this dataset instead.")
+def filelist(project: Project, params_path: Path | None, dataset: str | None) -> None:
+    """Write the filelists data/<dataset>/split/{meta_train,meta_val,meta_test}.csv.
+
+    Reads data/<dataset>/meta_*/ and param `dataset`. Rows `filename,label` are sorted;
+    also writes the class/image counts to results/data/<dataset>.json.
+    """
+    from ..data.stages import filelist as run
+
+    echo_json(run(load(project, params_path), project, dataset))
+
+
+@click.command()
+@ROOT
+@PARAMS
+@QUIET
+def pretrain(project: Project, params_path: Path | None, quiet: bool) -> None:
+    """Train the teacher pool.
+
+    Reads data/<d>/ for d in `pool_datasets` (default: `dataset`) and params `pre_backbone`,
+    `pool_mode`, `APInum`, `way_pretrain`, `seed`, `pretrain.*`. Writes models/teachers/
+    (one safetensors file per teacher + pool.json) and results/pretrain/metrics.json.
+    """
+    from ..distributed import pick_device, setup, teardown
+    from ..teachers.pretrain import run
+
+    params = load(project, params_path)
+    ranks = setup()  # teachers split across ranks under torchrun
+    try:
+        metrics = run(params, project.root, progress=not quiet, device=pick_device(params.device), ranks=ranks)
+        if ranks.is_main:
+            echo_json(metrics)
+    finally:
+        teardown(ranks)
+
+
+@click.command()
+@ROOT
+@PARAMS
+@QUIET
+@click.option("--oracle", is_flag=True, help="Meta-train on the real meta-train images (upper bound).")
+def metatrain(project: Project, params_path: Path | None, quiet: bool, oracle: bool) -> None:
+    """Meta-train the PURER meta-model (ECI; EI with `eci: false`).
+
+    Reads models/teachers/, data/<dataset>/ (meta_val for model selection) and the
+    meta-training params. Writes models/meta/ (best.safetensors chosen on meta-val,
+    last.pt to resume) and results/metatrain/ (metrics.json, train.csv, val.csv, bank.png).
+    An interrupted run resumes from models/meta/last.pt when re-run with the same params.
+    """
+    from ..distributed import setup, teardown
+    from ..meta.train import run
+    from ..tracking import Tracker, open_tracker
+
+    params = load(project, params_path)
+    ranks = setup()  # several processes under torchrun; one otherwise
+    try:
+        if not ranks.is_main:
+            run(params, project, oracle=oracle, progress=False, tracker=Tracker(), ranks=ranks)
+            return
+        with open_tracker(params, "metatrain", project.root) as tracker:
+            echo_json(run(params, project, oracle=oracle, progress=not quiet, tracker=tracker, ranks=ranks))
+    finally:
+        teardown(ranks)
+
+
+@click.command()
+@ROOT
+@PARAMS
+@QUIET
+def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
+    """Meta-test the selected meta-model on fixed, seeded real tasks.
+
+    Reads models/meta/best.*, data/<dataset>/ (meta_test) and params `way_test`, `num_sup_test`,
+    `num_qur_test`, `episode_test`, `test_inner_update_num`, `icfil`, `calibration.*`,
+    `metatest.seed`. Writes results/metatest/metrics.json (accuracy, ci95 in percent; ICFIL
+    gain with its paired interval when `icfil` is on; the reference code's best-test-over-
+    checkpoints number, labelled) and results/metatest/per_task.csv.
+    """
+    from ..meta.metatest import run
+    from ..tracking import open_tracker
+
+    params = load(project, params_path)
+    with open_tracker(params, "metatest", project.root) as tracker:
+        echo_json(run(params, project, progress=not quiet, tracker=tracker))
+
+
+@click.command()
+@ROOT
+@PARAMS
+@QUIET
+def compare(project: Project, params_path: Path | None, quiet: bool) -> None:
+    """Build the comparison table: `compare.methods` × `compare.shots` on shared test tasks.
+
+    Reads models/teachers/, models/meta/ (reused for the matching PURER row), data/<dataset>/
+    and the meta-training and meta-testing params. Trains what is missing into
+    models/compare/ and writes results/compare/compare.{json,md,png} and paired.json.
+    """
+    from ..compare import run
+    from ..tracking import open_tracker
+
+    params = load(project, params_path)
+    with open_tracker(params, "compare", project.root) as tracker:
+        result = run(params, project, progress=not quiet, tracker=tracker)
+    click.echo((project.results("compare") / "compare.md").read_text())
+    click.echo(f"wall time: {result['wall_seconds']} s")

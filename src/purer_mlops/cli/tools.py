@@ -1,0 +1,94 @@
+"""Commands around the pipeline: teacher import, the seed's presets, the parameters."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import Params
+from ..errors import UserError
+from ..paths import Project
+from .options import PARAMS, ROOT, read_params
+
+
+def register(cli: click.Group) -> None:
+    """Add the tool commands to ``cli``."""
+    for command in (teachers, preset, show_params):
+        cli.add_command(command)
+
+
+@click.group()
+def teachers() -> None:
+    """Manage the teacher pool (import models trained elsewhere)."""
+
+
+@teachers.command("import")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="YAML/JSON listing each model's file, architecture, dataset and classes.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("models/teachers"),
+              show_default=True, help="Pool folder to write.")
+def teachers_import(source: Path, manifest: Path, out: Path) -> None:
+    """Turn a folder of PyTorch state dicts + a manifest into a pool.
+
+    Reads SOURCE/*.pt with torch.load(weights_only=True) only (never unpickles code);
+    writes OUT/teacher_*.safetensors and OUT/pool.json. See docs/teachers.md.
+    """
+    from ..teachers.importer import import_pool
+
+    records = import_pool(source, manifest, out)
+    click.echo(f"imported {len(records)} teachers into {out}")
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--run", "run_it", is_flag=True, help="Run it now as a DVC experiment named NAME.")
+def preset(name: str | None, run_it: bool) -> None:
+    """The seed's scripts as parameter sets: list them, show one, or run it.
+
+    \b
+    purer preset                      list the presets
+    purer preset cifar_51_conv4       print the `dvc exp run` command it stands for
+    purer preset cifar_51_conv4 --run run that command (a DVC experiment named after it)
+    """
+    import shlex
+    import subprocess
+    from importlib.resources import files
+
+    import yaml
+
+    folder = files("purer_mlops") / "presets"
+    names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    if name is None:
+        for n in names:
+            first = (folder / f"{n}.yaml").read_text().splitlines()[0].lstrip("# ")
+            click.echo(f"{n:18s} {first}")
+        return
+    if name not in names:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(names)}.")
+    values = yaml.safe_load((folder / f"{name}.yaml").read_text())
+    Params().replace(**values)  # validated like params.yaml
+    sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    cmd = ["dvc", "exp", "run", "-n", name] + [a for kv in sets for a in ("-S", kv)]
+    click.echo(shlex.join(cmd))
+    if run_it:
+        sys.exit(subprocess.call(cmd))
+
+
+@click.command("params")
+@ROOT
+@PARAMS
+@click.option("--markdown", is_flag=True, help="Print docs/parameters.md (every knob: default, meaning, stages).")
+def show_params(project: Project, params_path: Path | None, markdown: bool) -> None:
+    """Validate params.yaml and print every parameter (flattened) with its value and meaning."""
+    from ..config.reference import all_knobs, parameters_markdown
+
+    if markdown:
+        click.echo(parameters_markdown(), nl=False)
+        return
+    params = read_params(project, params_path)
+    knobs = all_knobs()
+    for key, value in params.flat().items():
+        click.echo(f"{key}: {value}  # {knobs[key][0].help}")

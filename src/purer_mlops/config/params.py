@@ -1,0 +1,216 @@
+"""Every knob of the pipeline, declared once (default, type, range, help, stages that read it).
+
+The seed's command-line option names (``dataset``, ``num_sup_train``, ``adv_scale``, ...)
+are top-level keys, so ``dvc exp run -S adv_scale=0.5`` reads like the seed's flags.
+Knobs the seed never exposed live in sections (``glyphs``, ``pretrain``, ``inversion``,
+``metatrain``, ``metatest``, ``calibration``, ``compare``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..data.registry import DATASETS
+from .knobs import (
+    DATA,
+    FILELIST,
+    MAX_SEED,
+    METATEST,
+    METATRAIN,
+    POOL,
+    PREPARE,
+    PRETRAIN,
+    RUNTIME,
+    TESTING,
+    TRAINING,
+    knob,
+    section,
+)
+
+BACKBONES = ("conv4", "resnet10", "resnet18", "resnet12")
+META_LEARNERS = ("maml", "anil", "protonet")
+METHODS = ("random", "average", "ei", "purer", "purer+icfil", "oracle")
+TRAIN, TEST = (METATRAIN,), (METATRAIN, METATEST)  # meta-val tasks are shaped like meta-test ones
+
+
+@dataclass(frozen=True)
+class GlyphsParams:
+    """Glyph-FS generation (stage ``prepare``)."""
+
+    images_per_class: int = knob(100, "Glyph-FS images rendered per character class (600 gives CIFAR-FS's size)",
+                                 PREPARE, ge=1)
+    seed: int = knob(0, "Glyph-FS generator seed: same seed, same bytes", PREPARE, ge=0, le=MAX_SEED)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Teacher pretraining (stage ``pretrain``)."""
+
+    epochs: int = knob(30, "training epochs per teacher; the epoch best on the held-out images is kept",
+                       PRETRAIN, ge=1)
+    batch_size: int = knob(64, "teacher training batch size", PRETRAIN, ge=1)
+    holdout: float = knob(0.2, "per-class fraction of a teacher's images held out to pick its best epoch",
+                          PRETRAIN, gt=0.0, le=0.5)
+    conv4_lr: float = knob(0.01, "Adam learning rate of conv4 teachers", PRETRAIN, gt=0.0)
+    resnet_lr: float = knob(0.01, "SGD learning rate of ResNet teachers", PRETRAIN, gt=0.0)
+    momentum: float = knob(0.9, "SGD momentum of ResNet teachers", PRETRAIN, ge=0.0, le=1.0)
+    weight_decay: float = knob(5e-4, "weight decay of teacher training", PRETRAIN, ge=0.0)
+    grad_clip: float = knob(50.0, "gradient-norm clip of teacher training", PRETRAIN, gt=0.0)
+
+
+@dataclass(frozen=True)
+class InversionParams:
+    """The learnable bank and the inversion loss (DeepInversion priors)."""
+
+    lr: float = knob(0.25, "Adam learning rate of the bank (PURER 0.25, PURER-Plus `Glr` 0.01)", *TEST, gt=0.0)
+    bn: float = knob(0.01, "weight of the BatchNorm-statistics term of the inversion loss", *TEST, ge=0.0)
+    tv: float = knob(1e-4, "weight of the total-variation term", *TEST, ge=0.0)
+    l2: float = knob(1e-5, "weight of the l2 term", *TEST, ge=0.0)
+    jitter: int = knob(2, "random roll of the bank, in pixels, each direction", *TEST, ge=0)
+    bf16: bool = knob(False, "bf16 autocast for the teachers' forward pass (CUDA only)", *TEST)
+
+
+@dataclass(frozen=True)
+class MetatrainParams:
+    """Meta-training bookkeeping (stage ``metatrain``)."""
+
+    val_interval: int = knob(250, "meta-iterations between meta-val evaluations (best model chosen on meta-val)",
+                             *TRAIN, ge=1)
+    val_episodes: int = knob(100, "meta-val tasks per evaluation (fixed, seeded)", *TRAIN, ge=1)
+    checkpoint_interval: int = knob(50, "meta-iterations between `models/meta/last.pt` checkpoints (resume)",
+                                    *TRAIN, ge=1, bookkeeping=True)
+    image_interval: int = knob(250, "meta-iterations between bank image grids", *TRAIN, ge=1, bookkeeping=True)
+    batching: str = knob("auto", "`vmap` over teachers and tasks, or the plain `loop`; `auto`: vmap on CUDA, "
+                         "loop on CPU (docs/performance.md)", *TRAIN, choices=("auto", "vmap", "loop"))
+
+
+@dataclass(frozen=True)
+class MetatestParams:
+    """Meta-testing (stage ``metatest``)."""
+
+    seed: int = knob(2023, "seed of the fixed meta-test tasks, shared by every method", METATEST, ge=0,
+                     le=MAX_SEED)
+    reference_protocol: bool = knob(False, "also report the reference code's best TEST accuracy over all "
+                                    "validated checkpoints (optimistic; one meta-test per checkpoint)", METATEST)
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    """ICFIL knobs (used when ``icfil`` is on); see docs/icfil.md."""
+
+    images_per_class: int = knob(4, "ICFIL pseudo images synthesised per class of the task", METATEST, ge=1)
+    inversion_steps: int = knob(15, "ICFIL Adam steps inverting the adapted model", METATEST, ge=1)
+    inversion_lr: float = knob(0.1, "ICFIL inversion learning rate", METATEST, gt=0.0)
+    calibration_steps: int = knob(5, "ICFIL head-calibration steps on support + pseudo data", METATEST, ge=0)
+    calibration_lr: float = knob(0.01, "ICFIL calibration learning rate", METATEST, gt=0.0)
+    pseudo_weight: float = knob(0.5, "weight of the pseudo data in the calibration loss", METATEST, ge=0.0)
+
+
+@dataclass(frozen=True)
+class CompareParams:
+    """The comparison table (compare/dvc.yaml, which reads the whole params.yaml)."""
+
+    methods: list = knob(list(METHODS), "rows of the comparison table: subset of " + ", ".join(METHODS))
+    shots: list = knob([1, 5], "support shots of the comparison table's columns")
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every knob of the pipeline. See ``params.yaml`` for the documented defaults."""
+
+    # data
+    dataset: str = knob("glyphs", "dataset the meta-model is tested on (and, unless `pool_datasets` says "
+                        "otherwise, the teachers are trained on): `glyphs` is generated; the others are laid "
+                        "out from `data/raw/`", PREPARE, FILELIST, PRETRAIN, METATRAIN, METATEST,
+                        choices=tuple(DATASETS), group=DATA)
+    seed: int = knob(0, "global seed of teacher pretraining and meta-training", PRETRAIN, METATRAIN, ge=0,
+                     le=MAX_SEED, group=DATA)
+    # teacher pool
+    pre_backbone: str = knob("conv4", "teacher architecture; `mix` cycles conv4, resnet10, resnet18 over the pool",
+                             PRETRAIN, choices=(*BACKBONES, "mix"), group=POOL)
+    pool_mode: str = knob("blocks", "`blocks`: teachers own consecutive blocks of `way_pretrain` meta-train "
+                          "classes (PURER); `random`: `APInum` teachers on random class subsets (PURER-Plus)",
+                          PRETRAIN, choices=("blocks", "random"), group=POOL)
+    APInum: int = knob(100, "teachers of a `random` pool (PURER-Plus)", PRETRAIN, ge=1, group=POOL)
+    way_pretrain: int = knob(5, "classes per teacher", PRETRAIN, ge=2, group=POOL)
+    pool_datasets: list = knob([], "datasets the teachers are trained on (multi-heterogeneous scenario); "
+                               "empty: `[dataset]`", PRETRAIN, group=POOL)
+    # meta-model and meta-training
+    backbone: str = knob("conv4", "meta-model architecture", *TRAIN, choices=BACKBONES, group=TRAINING)
+    meta_learner: str = knob("maml", "meta-learning algorithm: `maml`, `anil` or `protonet`", *TEST,
+                             choices=META_LEARNERS, group=TRAINING)
+    way_train: int = knob(5, "classes per meta-training task (N-way)", *TRAIN, ge=2, group=TRAINING)
+    num_sup_train: int = knob(1, "support images per class of a meta-training task (K-shot)", *TRAIN, ge=1,
+                              group=TRAINING)
+    num_qur_train: int = knob(5, "query images per class of a meta-training task", *TRAIN, ge=1, group=TRAINING)
+    episode_train: int = knob(6000, "meta-training tasks in total; meta-iterations = `episode_train / "
+                              "episode_batch`", *TRAIN, ge=1, group=TRAINING)
+    episode_batch: int = knob(4, "tasks per meta-iteration", *TRAIN, ge=1, group=TRAINING)
+    inner_update_num: int = knob(1, "inner-loop gradient steps during meta-training", *TRAIN, ge=0, group=TRAINING)
+    inner_lr: float = knob(0.01, "inner-loop learning rate", *TEST, gt=0.0, group=TRAINING)
+    outer_lr: float = knob(0.001, "outer-loop (meta-model) Adam learning rate", *TRAIN, gt=0.0, group=TRAINING)
+    approx: bool = knob(False, "first-order MAML (no second derivatives)", *TRAIN, group=TRAINING)
+    synthesis_per_class: int = knob(6, "learnable bank images per class (shots + queries of the pseudo tasks)",
+                                    *TRAIN, ge=2, group=TRAINING)
+    adv_scale: float = knob(10.0, "weight of the adversarial (curriculum) term of the bank update", *TRAIN,
+                            ge=0.0, group=TRAINING)
+    adv_start: int = knob(100, "meta-iteration at which the curriculum switch may first turn on", *TRAIN, ge=0,
+                          group=TRAINING)
+    patience: int = knob(6, "meta-iterations without progress before the switch turns on again", *TRAIN, ge=1,
+                         group=TRAINING)
+    eci: bool = knob(True, "curriculum switch on (ECI); `false` gives the EI ablation", *TRAIN, group=TRAINING)
+    average: bool = knob(True, "start the meta-model from the teachers' parameter average (needs teachers of "
+                         "the meta-model's architecture and resolution)", *TRAIN, group=TRAINING)
+    candidate_size: int = knob(0, "teachers sampled per bank update (0: all; PURER-Plus uses 13)", *TRAIN, ge=0,
+                               group=TRAINING)
+    # meta-testing
+    way_test: int = knob(5, "classes per meta-test (and meta-val) task", *TEST, ge=2, group=TESTING)
+    num_sup_test: int = knob(1, "support images per class of a meta-test task", *TEST, ge=1, group=TESTING)
+    num_qur_test: int = knob(15, "query images per class of a meta-test task", *TEST, ge=1, group=TESTING)
+    episode_test: int = knob(600, "meta-test tasks (fixed by `metatest.seed`)", METATEST, ge=1, group=TESTING)
+    test_inner_update_num: int = knob(10, "inner-loop steps when adapting to a meta-val / meta-test task", *TEST,
+                                      ge=0, group=TESTING)
+    icfil: bool = knob(False, "inversion calibration following the inner loop (test time)", METATEST,
+                       group=TESTING)
+    # where to compute, tracking
+    device: str = knob("auto", "where to compute: `auto` (CUDA when present, else CPU), `cpu`, `cuda`",
+                       PRETRAIN, *TEST, choices=("auto", "cpu", "cuda"), group=RUNTIME)
+    tracking: bool = knob(True, "log params, metrics and artifacts to MLflow", *TEST, group=RUNTIME,
+                          bookkeeping=True)
+    experiment_name: str = knob("purer", "MLflow experiment name", *TEST, group=RUNTIME, bookkeeping=True)
+    # sections
+    glyphs: GlyphsParams = section(GlyphsParams, DATA)
+    pretrain: PretrainParams = section(PretrainParams, POOL)
+    inversion: InversionParams = section(InversionParams, TRAINING)
+    metatrain: MetatrainParams = section(MetatrainParams, TRAINING)
+    metatest: MetatestParams = section(MetatestParams, TESTING)
+    calibration: CalibrationParams = section(CalibrationParams, TESTING)
+    compare: CompareParams = section(CompareParams, TESTING)
+
+    @property
+    def teacher_datasets(self) -> list[str]:
+        """Datasets the teacher pool is built from."""
+        return list(self.pool_datasets) or [self.dataset]
+
+    @property
+    def meta_iterations(self) -> int:
+        """Meta-iterations: the reference counts tasks, one iteration is ``episode_batch`` tasks."""
+        return max(1, self.episode_train // self.episode_batch)
+
+    def flat(self) -> dict[str, Any]:
+        """All parameters with dotted names for sections (``inversion.lr``), for logging."""
+        out: dict[str, Any] = {}
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, dict):
+                out.update({f"{name}.{k}": v for k, v in value.items()})
+            else:
+                out[name] = value
+        return out
+
+    def replace(self, **changes: Any) -> Params:
+        """A copy with some top-level or dotted (``section.key``) values changed, validated."""
+        from .loading import with_changes
+
+        return with_changes(self, changes)

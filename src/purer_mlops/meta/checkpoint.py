@@ -1,0 +1,91 @@
+"""What a meta-training run leaves on disk, and reading it back safely.
+
+- a **model**: ``<stem>.safetensors`` (weights) + ``<stem>.json`` (its model card: what is
+  needed to rebuild and use it), for ``best``, ``last`` and every validated iteration;
+- the **resume state** ``last.pt``: everything :class:`~.trainer.MetaTrainer` needs to go on,
+  stamped with the run's **fingerprint** (the knobs that change what training computes, the
+  oracle flag and the pool's ``pool.json``), so only the run it belongs to resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from ..config import Params
+from ..config.reference import fingerprint_knobs
+from ..errors import UserError
+from ..fileio import write_bytes, write_json, write_with
+from ..models.backbones import Classifier, build_backbone
+
+
+def fingerprint(params: Params, pool_dir: Path, oracle: bool) -> str:
+    """Identity of a run: a checkpoint is resumed (or reused) only by the run it belongs to."""
+    pool_json = pool_dir / "pool.json"
+    keys = fingerprint_knobs()
+    training = {k: v for k, v in params.flat().items() if k in keys}
+    blob = json.dumps({"params": training, "oracle": oracle,
+                       "pool": pool_json.read_text() if pool_json.is_file() else None}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def model_card(params: Params, image_size: int, norm: tuple[tuple, tuple], oracle: bool,
+               iteration: int, accuracy: float) -> dict:
+    """What a checkpoint needs to be rebuilt and used; ``norm`` is the dataset's (mean, std)."""
+    return {"backbone": params.backbone, "way": params.way_train, "image_size": image_size,
+            "meta_learner": params.meta_learner, "dataset": params.dataset, "iteration": iteration,
+            "val_accuracy": accuracy, "mean": list(norm[0]), "std": list(norm[1]), "oracle": oracle}
+
+
+def save_model(model: Classifier, card: dict, stem: Path) -> None:
+    """Write ``<stem>.safetensors`` (weights) and ``<stem>.json`` (its model card), atomically."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # serialised in memory: safetensors' save_file re-creates the file with mode 0600
+    write_bytes(stem.with_suffix(".safetensors"), save(weights))
+    write_json(stem.with_suffix(".json"), card)
+
+
+def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild a meta-model saved by :func:`save_model` (no unpickling: safetensors + JSON)."""
+    weights, card_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.is_file() or not card_path.is_file():
+        raise UserError(f"meta-model {weights} (and its .json card) not found: run `purer metatrain` "
+                        "(or `dvc repro metatrain`) first.")
+    try:
+        card = json.loads(card_path.read_text())
+        model = build_backbone(card["backbone"], card["way"], card["image_size"], track_running_stats=False)
+        state = load_file(str(weights))
+        model.load_state_dict(state, strict=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"meta-model {weights} is unreadable or does not match its card ({err}); "
+                        "re-run `purer metatrain`.") from err
+    return model.to(device), card
+
+
+def save_resume_state(path: Path, fp: str, state: dict) -> None:
+    """Write ``state`` stamped with the fingerprint ``fp`` to ``path`` (``last.pt``), atomically."""
+    def save(tmp: Path) -> None:
+        # Through a file object: torch names the zip's root folder after a *path*'s stem (here the
+        # random temp name), which would make two identical runs' last.pt differ in bytes.
+        with open(tmp, "wb") as f:
+            torch.save({"fingerprint": fp, **state}, f)
+
+    write_with(path, save)
+
+
+def matching_resume_state(path: Path, fp: str) -> dict | None:
+    """The state saved at ``path`` when it belongs to the run ``fp``; None when it is missing,
+    unreadable (a corrupt checkpoint cannot be resumed: the run starts over) or another run's."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure to read means "nothing to resume"
+        return None
+    return state if isinstance(state, dict) and state.get("fingerprint") == fp else None

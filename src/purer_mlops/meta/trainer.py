@@ -1,0 +1,241 @@
+"""ECI meta-training (PURER): the bank update, the meta update and the curriculum switch.
+
+One meta-iteration t:
+
+1. **Bank update.** L_bank = Σ_i L_inv(i) over the teachers used this iteration (all, or a
+   random ``candidate_size`` of them), minus ``adv_scale`` · L_outer(θ; T̂) when the
+   curriculum switch is on, T̂ being a pseudo task drawn from the *live* bank so that the
+   gradient reaches the images through the inner loop. One Adam step on the bank.
+2. **Meta update.** ``episode_batch`` pseudo tasks from the detached bank (``way_train``
+   classes drawn among *all* bank classes, disjoint support and query); the sum of their
+   query losses after the inner loop; one Adam step on θ.
+3. **Curriculum.** The batch's mean pseudo-query accuracy feeds :class:`Curriculum`.
+
+With ``real`` images (the oracle) the bank is replaced by the real meta-train images (the
+not-data-free upper bound) with the same budget. The selected checkpoint is the best on
+meta-val; meta-test is never looked at here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Params
+from ..data.dataset import ImageSet, fixed_tasks
+from ..data.registry import DATASETS
+from ..distributed import SINGLE, Ranks
+from ..errors import UserError
+from .curriculum import Curriculum
+from .evaluation import mean_ci95, task_accuracies
+from .inversion import TERMS, Bank, InversionLoss, random_shift
+from .learners import Weights, build_learner
+from .pool import Pool, init_meta_model
+from .tasks import TaskBatch, sample_pseudo_tasks, sample_real_tasks
+
+TRAIN_COLUMNS = ("iteration", "meta_loss", "pseudo_accuracy", "inversion_loss", *TERMS, "adversarial")
+
+
+def use_vmap(mode: str, device: torch.device) -> bool:
+    """Whether ``metatrain.batching`` asks for vmap on ``device``.
+
+    vmap pays off where kernel launches dominate (CUDA); on a few CPU cores memory-bound
+    passes over the activations dominate, vmap adds layout copies and the loop is faster
+    (docs/performance.md).
+    """
+    return mode == "vmap" or (mode == "auto" and device.type == "cuda")
+
+
+def check_bank_tasks(params: Params, bank_classes: int) -> None:
+    """Refuse pseudo tasks the bank cannot supply, naming the parameter to change."""
+    if params.way_train > bank_classes:
+        raise UserError(f"'way_train' is {params.way_train} but the teachers know only {bank_classes} "
+                        "classes; lower 'way_train'.")
+    if params.num_sup_train + params.num_qur_train > params.synthesis_per_class:
+        raise UserError(
+            f"'num_sup_train' + 'num_qur_train' = {params.num_sup_train + params.num_qur_train} "
+            f"exceeds 'synthesis_per_class' = {params.synthesis_per_class}; raise "
+            "'synthesis_per_class' (the reference uses shots + queries).")
+
+
+class MetaTrainer:
+    """State and steps of one meta-training run (see the module docstring).
+
+    Args:
+        params: the validated parameters.
+        pool: the teachers (also the meta-model's start when ``average`` is set).
+        val: meta_val, checked for the ``way_test``-way ``num_sup_test``-shot tasks it must supply.
+        device: where to compute.
+        real: meta_train images for the oracle (None: data-free, from the bank).
+        ranks: this process's share of the work under ``torchrun``.
+    """
+
+    def __init__(self, params: Params, pool: Pool, val: ImageSet, device: torch.device, *,
+                 real: ImageSet | None = None, ranks: Ranks = SINGLE):
+        self.params, self.pool, self.val, self.real, self.ranks = params, pool, val, real, ranks
+        self.device = device
+        self.batched = use_vmap(params.metatrain.batching, device)
+        self.info = DATASETS[params.dataset]
+        self.val_tasks = fixed_tasks(val, params.metatrain.val_episodes, params.way_test,
+                                     params.num_sup_test, params.num_qur_test, seed=params.seed + 1)
+        self.model = init_meta_model(params, pool, self.info.image_size).to(device)
+        self.learner = build_learner(params.meta_learner, self.model, params.inner_update_num,
+                                     params.inner_lr, first_order=params.approx)
+        self.tester = build_learner(params.meta_learner, self.model, params.test_inner_update_num,
+                                    params.inner_lr)
+        self.gen = torch.Generator().manual_seed(params.seed)
+        self.bank = None if real is not None else self._make_bank()
+        self.meta_opt = torch.optim.Adam(self.model.parameters(), lr=params.outer_lr)
+        self.curriculum = Curriculum(params.adv_start, params.patience, enabled=params.eci and real is None)
+        self.iteration = 0
+        self.skipped = 0
+        self.skipped_in_a_row = 0  # not saved: a divergence check, restarted on resume
+        self.history: dict[str, list[float]] = {c: [] for c in TRAIN_COLUMNS}
+        self.val_history: dict[str, list[float]] = {"iteration": [], "val_accuracy": []}
+        self.best = {"accuracy": -1.0, "iteration": -1}
+
+    def _make_bank(self) -> Bank:
+        p = self.params
+        check_bank_tasks(p, len(self.pool.bank_classes))
+        bank = Bank(len(self.pool.bank_classes), p.synthesis_per_class, self.info.image_size, self.gen)
+        self.inversion = InversionLoss(self.pool.teachers, self.info, p.inversion,
+                                       batched=self.batched).to(self.device)
+        bank = bank.to(self.device)
+        self.bank_opt = torch.optim.Adam(bank.parameters(), lr=p.inversion.lr)
+        self.good_bank = bank.images.detach().clone()
+        return bank
+
+    @property
+    def oracle(self) -> bool:
+        return self.real is not None
+
+    def weights(self) -> Weights:
+        """The meta-model's parameters by name (the tensors the outer optimiser updates)."""
+        return dict(self.model.named_parameters())
+
+    # -- one meta-iteration ----------------------------------------------------------------
+    def _chosen_teachers(self) -> torch.Tensor:
+        """Indices of this rank's teachers for this bank update (every rank draws the same set)."""
+        n, size = len(self.pool.teachers), self.params.candidate_size
+        chosen = torch.randperm(n, generator=self.gen)[:size] if 0 < size < n else torch.arange(n)
+        return chosen[list(self.ranks.share(len(chosen)))]
+
+    def _adversarial_loss(self) -> torch.Tensor:
+        """−adv_scale · L_outer on a pseudo task from the live bank (counted once over ranks)."""
+        p = self.params
+        tasks = sample_pseudo_tasks(self.bank.images, 1, p.way_train, p.num_sup_train, p.num_qur_train, self.gen)
+        if not self.ranks.is_main:
+            return torch.zeros((), device=self.device)
+        outer, _ = self.learner.task_loss(self.weights(), *tasks.task(0), p.way_train)
+        return -p.adv_scale * outer
+
+    def bank_step(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """One Adam step on the bank; returns the inversion terms and whether it was adversarial."""
+        if not torch.isfinite(self.bank.images).all():
+            # A non-finite image would poison every later loss: roll back to the last good bank.
+            with torch.no_grad():
+                self.bank.images.copy_(self.good_bank)
+            self.skipped += 1
+        shift = random_shift(self.params.inversion.jitter, self.gen)
+        terms = self.inversion(self.bank.images, shift, self._chosen_teachers())
+        loss = terms["loss"]
+        adversarial = self.curriculum.take()
+        if adversarial:
+            loss = loss + self._adversarial_loss()
+        g = (torch.autograd.grad(loss, [self.bank.images])[0] if loss.requires_grad
+             else torch.zeros_like(self.bank.images))  # a rank with no teacher this update
+        summed = torch.stack([terms[k] for k in (*TERMS, "loss")]).detach()
+        finite = (torch.isfinite(loss) & torch.isfinite(g).all()).float().reshape(1)
+        self.ranks.sum_(g, summed, finite)
+        if self._apply(finite, self.bank_opt, [self.bank.images], [g]):
+            self.good_bank.copy_(self.bank.images.detach())
+        return {k: summed[i] for i, k in enumerate((*TERMS, "loss"))}, adversarial
+
+    def _apply(self, finite: torch.Tensor, opt: torch.optim.Optimizer, params: list, grads: list) -> bool:
+        """One step of ``opt`` with ``grads`` when every rank found them finite; else count a skip."""
+        if bool(finite == self.ranks.world):
+            opt.zero_grad(set_to_none=False)
+            for prm, g in zip(params, grads, strict=True):
+                prm.grad = g
+            opt.step()
+            return True
+        self.skipped += 1
+        return False
+
+    def _meta_tasks(self) -> TaskBatch:
+        p = self.params
+        if self.real is not None:
+            return sample_real_tasks(self.real, p.episode_batch, p.way_train, p.num_sup_train,
+                                     p.num_qur_train, self.gen, self.device)
+        return sample_pseudo_tasks(self.bank.images.detach(), p.episode_batch, p.way_train,
+                                   p.num_sup_train, p.num_qur_train, self.gen)
+
+    def meta_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Adam step on θ over ``episode_batch`` tasks; returns (meta loss, mean accuracy)."""
+        tasks = self._meta_tasks()
+        weights = self.weights()
+        share = list(self.ranks.share(len(tasks)))  # this rank's tasks of the meta-batch
+        if share:
+            losses, accs = self.learner.batch_loss(weights, tasks.select(share), batched=self.batched)
+            loss = losses.sum()
+            grads = list(torch.autograd.grad(loss, list(weights.values()), allow_unused=True,
+                                             materialize_grads=True))
+            stats = torch.stack([loss.detach(), accs.sum().detach()])
+        else:
+            grads = [torch.zeros_like(v) for v in weights.values()]
+            stats = torch.zeros(2, device=self.device)
+        self.ranks.sum_(*grads, stats)
+        finite = (torch.isfinite(stats).all() & torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        self._apply(finite.float() * self.ranks.world, self.meta_opt, list(weights.values()), grads)
+        return stats[0], stats[1] / len(tasks)
+
+    def step(self) -> dict[str, float]:
+        """One meta-iteration; returns its row of the training curve."""
+        skipped = self.skipped
+        terms, adversarial = ({k: torch.zeros(()) for k in (*TERMS, "loss")}, False) if self.oracle \
+            else self.bank_step()
+        loss, acc = self.meta_step()
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.skipped > skipped else 0
+        row = {"iteration": self.iteration, "meta_loss": float(loss), "pseudo_accuracy": float(acc),
+               "inversion_loss": float(terms["loss"]), **{k: float(terms[k]) for k in TERMS},
+               "adversarial": int(adversarial)}
+        for k, v in row.items():  # a skipped update left the state as it was: report its last figure
+            if not math.isfinite(v):
+                row[k] = self.history[k][-1] if self.history[k] else 0.0
+        self.curriculum.observe(self.iteration, row["pseudo_accuracy"])
+        for k in TRAIN_COLUMNS:
+            self.history[k].append(row[k])
+        self.iteration += 1
+        return row
+
+    def validate(self) -> float:
+        """Mean meta-val accuracy (percent) on the fixed validation tasks."""
+        accs = task_accuracies(self.tester, self.weights(), self.val, self.val_tasks)
+        return 100.0 * mean_ci95(accs)[0]
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "iteration": self.iteration, "model": self.model.state_dict(),
+            "meta_opt": self.meta_opt.state_dict(), "curriculum": self.curriculum.state_dict(),
+            "generator": self.gen.get_state(), "history": self.history, "val_history": self.val_history,
+            "best": self.best, "skipped": self.skipped,
+        }
+        if self.bank is not None:
+            state.update(bank=self.bank.images.detach().cpu(), bank_opt=self.bank_opt.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.model.load_state_dict(state["model"])
+        self.meta_opt.load_state_dict(state["meta_opt"])
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.gen.set_state(state["generator"])
+        self.history, self.val_history = state["history"], state["val_history"]
+        self.best, self.skipped = state["best"], state["skipped"]
+        if self.bank is not None:
+            with torch.no_grad():
+                self.bank.images.copy_(state["bank"].to(self.device))
+            self.good_bank.copy_(self.bank.images.detach())
+            self.bank_opt.load_state_dict(state["bank_opt"])
