@@ -9,14 +9,12 @@ import pathlib
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save as save_safetensors
+from standins import make_class_tree
 
-from purer_mlops.data.filelist import write_filelists
-from purer_mlops.data.registry import DATASETS, SPLITS
+from purer_mlops.data.registry import DATASETS
 from purer_mlops.errors import UserError
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import TeacherRecord, load_pool, model_from_state_dict, save_pool
@@ -224,17 +222,6 @@ def test_import_refuses_file_outside_source(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.json", [entry("../t.pt")])
     with pytest.raises(UserError, match="inside"):
         import_pool(src, manifest, tmp_path / "out")
-
-
-def make_class_tree(dataset_root: Path, names: list[str]) -> None:
-    """A tiny dataset (2 images per class, every split) with its filelists."""
-    for split in SPLITS:
-        for name in names:
-            folder = dataset_root / split / name
-            folder.mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
-    write_filelists(dataset_root)
 
 
 def test_import_good_checkpoint_resolves_class_ids_and_loads(tmp_path: Path) -> None:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import io
-import json
-import pickle
-import tarfile
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 from PIL import Image
+from standins import cifar_parts, save_image, split_json, write_cifar_archive, write_flowers
 
 from purer_mlops.data.registry import SPLITS
 from purer_mlops.data.sources import prepare
 from purer_mlops.errors import UserError
-
-
-def split_json(name: str) -> dict:
-    return json.loads((files("purer_mlops") / "splits" / name).read_text(encoding="utf-8"))
 
 
 def listing(out: Path) -> dict[str, dict[str, list[str]]]:
@@ -38,46 +29,7 @@ def assert_no_output(out: Path) -> None:
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-def save_image(path: Path, color: tuple[int, int, int], size: int = 4) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = "PNG" if path.suffix == ".png" else "JPEG"
-    Image.new("RGB", (size, size), color).save(path, format=fmt)
-
-
 # --- CIFAR-100 python archive -------------------------------------------------------------
-
-
-def cifar_parts(per_part: int = 1, seed: int = 0) -> tuple[list[str], dict, dict]:
-    """Names (a shuffled order of the 100 CIFAR-FS classes) and train/test pickle dicts."""
-    split = split_json("cifar_fs_split.json")
-    names = [c for s in SPLITS for c in split[s]]
-    rng = np.random.default_rng(seed)
-    names = [names[i] for i in rng.permutation(len(names))]
-    parts = {}
-    for member in ("train", "test"):
-        labels = [lb for lb in range(len(names)) for _ in range(per_part)]
-        labels = [labels[i] for i in rng.permutation(len(labels))]
-        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
-        parts[member] = {b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * len(labels)}
-    return names, parts["train"], parts["test"]
-
-
-def write_cifar_archive(path: Path, names: list[str], train: dict, test: dict,
-                        meta: dict | None = None) -> None:
-    """Write a CIFAR-100 python archive.
-
-    The official pickles come from Python 2, whose strings load as bytes; Python 3 can only
-    write that with protocol >= 3 (protocol 2 would need ``_codecs.encode``). The arrays are
-    pickled through ``numpy.core.multiarray._reconstruct`` either way, as in the official files.
-    """
-    meta = meta if meta is not None else {b"fine_label_names": [n.encode() for n in names]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
-        for member, obj in (("meta", meta), ("train", train), ("test", test)):
-            blob = pickle.dumps(obj, protocol=4)
-            info = tarfile.TarInfo(f"cifar-100-python/{member}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
 
 
 def test_cifar_archive_is_split_by_cifar_fs_classes(tmp_path):
@@ -276,12 +228,6 @@ def test_cub_classes_are_split_by_sorted_index(tmp_path):
     assert sorted(layout["meta_train"]) == [classes[i] for i in (0, 2, 4, 6)]
     assert sorted(layout["meta_val"]) == [classes[i] for i in (1, 5)]
     assert sorted(layout["meta_test"]) == [classes[i] for i in (3, 7)]
-
-
-def write_flowers(raw: Path, labels: np.ndarray) -> None:
-    for k in range(1, labels.size + 1):
-        save_image(raw / "flower" / "jpg" / f"image_{k:05d}.jpg", (k % 256, 0, 0))
-    scipy.io.savemat(raw / "flower" / "imagelabels.mat", {"labels": labels.reshape(1, -1)})
 
 
 def test_flowers_are_split_by_class_id(tmp_path):

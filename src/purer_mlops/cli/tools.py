@@ -26,19 +26,27 @@ def teachers() -> None:
 
 @teachers.command("import")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="YAML/JSON listing each model's file, architecture, dataset and classes.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("models/teachers"),
-              show_default=True, help="Pool folder to write.")
-def teachers_import(source: Path, manifest: Path, out: Path) -> None:
-    """Turn a folder of PyTorch state dicts + a manifest into a pool.
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML/JSON listing each model's file, architecture, dataset and classes; or a short "
+                   "one (dataset, class_order) for a folder of the reference code's model_<i>.pth.")
+@click.option("--dataset", default=None,
+              help="Instead of a manifest: SOURCE is the reference's model_<i>.pth of this dataset.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Pool folder to write [default: ROOT/models/teachers].")
+@ROOT
+def teachers_import(source: Path, manifest: Path | None, dataset: str | None, out: Path | None,
+                    project: Project) -> None:
+    """Turn a folder of PyTorch state dicts into a pool.
 
-    Reads SOURCE/*.pt with torch.load(weights_only=True) only (never unpickles code);
-    writes OUT/teacher_*.safetensors and OUT/pool.json. See docs/teachers.md.
+    Reads SOURCE/*.pt(h) with torch.load(weights_only=True) only (never unpickles code), in
+    our layout or the PURER reference code's (conv4, ResNet10/18), and the class names of
+    ROOT/data/<dataset>/split/meta_train.csv; writes OUT/teacher_*.safetensors and
+    OUT/pool.json. See docs/teachers.md.
     """
     from ..teachers.importer import import_pool
 
-    records = import_pool(source, manifest, out)
+    out = out or project.teachers
+    records = import_pool(source, manifest, out, root=project.root, dataset=dataset)
     click.echo(f"imported {len(records)} teachers into {out}")
 
 
