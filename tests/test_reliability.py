@@ -37,6 +37,7 @@ from safetensors.torch import save as save_safetensors
 
 from purer_mlops import fileio
 from purer_mlops.config import ConfigError, Params, from_dict
+from purer_mlops.config.reference import all_knobs
 from purer_mlops.data.dataset import load_split
 from purer_mlops.data.filelist import read_filelist, write_filelists
 from purer_mlops.data.registry import DATASETS, SPLITS
@@ -243,18 +244,13 @@ def test_every_key_with_a_wrong_type_is_named(key: str) -> None:
 
 
 def _bounded() -> list[tuple[str, Any, str]]:
-    """(dotted key, a meaningless value, the message's word) for every field with a lower bound."""
-    defaults = Params()
-    sections = [("", Params)] + [(f"{f.name}.", type(getattr(defaults, f.name))) for f in dataclasses.fields(Params)
-                                 if dataclasses.is_dataclass(getattr(defaults, f.name))]
+    """(dotted key, a meaningless value, the message's word) for every knob with a lower bound."""
     out = []
-    for prefix, cls in sections:
-        for f in dataclasses.fields(cls):
-            ge, gt = f.metadata.get("ge"), f.metadata.get("gt")
-            if ge is not None:  # a count below its minimum (0 where 1 is the least), or a negative weight
-                out.append((prefix + f.name, int(ge) - 1 if f.type == "int" else ge - 1.0, "at least"))
-            elif gt is not None:  # zero where only a positive value means something (rates)
-                out.append((prefix + f.name, gt, "greater than"))
+    for key, (spec, default) in all_knobs().items():
+        if spec.ge is not None:  # a count below its minimum (0 where 1 is the least), or a negative weight
+            out.append((key, int(spec.ge) - 1 if isinstance(default, int) else spec.ge - 1.0, "at least"))
+        elif spec.gt is not None:  # zero where only a positive value means something (rates)
+            out.append((key, spec.gt, "greater than"))
     return out
 
 
