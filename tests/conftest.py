@@ -166,6 +166,16 @@ def run_purer(root: Path, *args: str, timeout: float = 600,
                env=env)
 
 
+def one_error_line(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    """A CLI run that exited 2 with one ``error: ...`` line holding every word; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
 def run_dvc(root: Path, *args: str, timeout: float = 600, check: bool = False,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the venv's ``dvc ARGS`` in ``root`` (``purer`` resolves to the venv's too)."""

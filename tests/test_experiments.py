@@ -33,7 +33,7 @@ def repo(tmp_path_factory) -> dict:
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "baseline")
     exp = run_dvc(root, "exp", "run", "-S", "adv_scale=0.5", check=True)
-    return {"root": root, "exp_out": exp.stdout}
+    return {"root": root, "exp_out": exp.stdout, "exp_err": exp.stderr}
 
 
 def client_for(root: Path):
@@ -79,6 +79,11 @@ def test_repro_and_a_sweep_are_two_complete_runs_in_one_store(repo):
                                       filter_string=f"tags.`purer.parent_run` = '{run_id}'")
         assert [c.data.tags["purer.stage"] for c in children] == ["metatest"]
         assert "test_accuracy" in children[0].data.metrics
+
+
+def test_a_default_experiment_run_warns_about_nothing(repo):
+    # compare/dvc.yaml's models/compare, cached but never produced, made every run warn
+    assert "WARNING" not in repo["exp_err"], repo["exp_err"]
 
 
 def test_exp_show_has_the_metrics_and_plots_show_renders(repo):

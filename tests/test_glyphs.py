@@ -157,8 +157,8 @@ def test_missing_fonts_raise_user_error(tmp_path, monkeypatch):
 
 def test_failed_generation_keeps_previous_tree(tmp_path, monkeypatch):
     root = tmp_path / "glyphs"
-    root.mkdir()
-    (root / "old.txt").write_text("previous")
+    (root / "meta_train").mkdir(parents=True)  # a previous tree (a foreign file would be refused)
+    (root / "meta_train" / "old.txt").write_text("previous")
     calls = 0
     real_render = glyphs.render
 
@@ -173,4 +173,4 @@ def test_failed_generation_keeps_previous_tree(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         glyphs.generate(root, images_per_class=2, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["glyphs"]  # no half-written sibling
-    assert (root / "old.txt").read_text() == "previous"
+    assert (root / "meta_train" / "old.txt").read_text() == "previous"

@@ -31,9 +31,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, copy_glyphs, random_pool, set_key, small_glyphs, tool_env
+from conftest import REPO, copy_glyphs, one_error_line, random_pool, set_key, small_glyphs, tool_env, write_params
 from PIL import Image
 from safetensors.torch import save as save_safetensors
+from standins import write_seed_folder
 
 from purer_mlops import fileio
 from purer_mlops.config import ConfigError, Params, from_dict
@@ -156,6 +157,15 @@ def _empty_filelist(root: Path) -> Path:
     return csv_path
 
 
+def _relabel_line_4(root: Path) -> Path:
+    """The user edits one row's label to a class of its own: a class of one image, on line 4."""
+    csv_path = root / "split" / "meta_train.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",lonely"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return csv_path
+
+
 # (id, mutation returning the path the message must name, stage, words in the error | None if handled)
 # stage "load": load_split on the existing filelist; "filelist": rewrite the filelists, then load;
 # "task": load, then ask for a 2-way 1-shot 3-query task (4 images per class, 3 exist).
@@ -179,6 +189,8 @@ DATA_CASES = [
      ["'num_sup_train' + 'num_qur_train' = 4", f"holds only {PER_CLASS}"]),
     ("empty-split-folder", _empty_split_folder, "filelist", ["split is empty"]),
     ("empty-split-filelist", _empty_filelist, "load", ["lists no images", "split is empty"]),
+    ("filelist-empty-filename", _append_row(",class0"), "load", [f"line {2 * PER_CLASS + 2}", "filename is empty"]),
+    ("filelist-label-of-a-one-image-class", _relabel_line_4, "task", ["class 'lonely'", "holds only 1", "line 4"]),
 ]
 
 # what a converted image's pixel (5, 5) must be, and that skipped files are not listed
@@ -213,6 +225,22 @@ def test_data_case(tmp_path: Path, mutate, stage: str, words: list[str] | None) 
     pixel = images.images[names.index(named.name), :, 5, 5].tolist()
     assert abs(np.array(pixel) - CONVERTED[named.name]).max() <= 1, pixel
     assert images.images.dtype == torch.uint8 and tuple(images.images.shape[1:]) == (3, 32, 32)
+
+
+def test_prepare_refuses_a_raw_file_that_is_not_an_image(project: Path) -> None:
+    raw = project / "data" / "raw" / "miniimagenet"
+    write_seed_folder(raw, ".jpg", classes=2, images=2)
+    page = raw / "meta_train" / "meta_train_0" / "2.jpg"  # a download that saved the error page
+    page.write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>")
+    write_params(project, dataset="miniimagenet")
+    proc = subprocess.run([*PURER, "prepare", "--quiet"], cwd=project, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    one_error_line(proc, str(page.relative_to(project)), "not an image")
+    assert not (project / "data" / "miniimagenet").exists()  # nothing prepared
+    page.unlink()  # control: the same folder without it is prepared
+    proc = subprocess.run([*PURER, "prepare", "--quiet"], cwd=project, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # =========================================================================== parameters
@@ -299,6 +327,48 @@ def _refusal(raw: dict) -> str:
     with pytest.raises(ConfigError) as info:
         from_dict(raw)
     return str(info.value)
+
+
+PARAMS_TEXT = (REPO / "params.yaml").read_text()
+APPENDED_LINE = PARAMS_TEXT.count("\n") + 1  # the first line a user appends to params.yaml
+
+
+def _line_of(key: str) -> int:
+    return next(n for n, line in enumerate(PARAMS_TEXT.splitlines(), 1) if line.startswith(f"{key}:"))
+
+
+def _with(key: str, value: Any) -> str:
+    raw = yaml.safe_load(PARAMS_TEXT)
+    set_key(raw, key, value)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+# (id, params.yaml text, words of the one-line error `purer params` must print)
+PARAMS_FILE_CASES = [
+    ("duplicate-top-level-key", PARAMS_TEXT + "adv_scale: 1.0\n",
+     ["'adv_scale' appears twice", f"lines {_line_of('adv_scale')} and {APPENDED_LINE}"]),
+    ("second-section", PARAMS_TEXT + "metatrain:\n  val_episodes: 7\n",
+     ["'metatrain' appears twice", f"lines {_line_of('metatrain')} and {APPENDED_LINE}"]),
+    ("infinite-outer-lr", _with("outer_lr", math.inf), ["'outer_lr' is inf", "finite"]),
+    ("infinite-inversion-lr", _with("inversion.lr", math.inf), ["'inversion.lr' is inf", "finite"]),
+    ("seed-beyond-32-bits", _with("metatest.seed", 99999999999999999999), ["'metatest.seed'", "at most 4294967295"]),
+    ("empty-file", "", ["is empty"]),
+    ("comments-only", "# every knob below\n\n# (none yet)\n", ["is empty"]),
+    ("empty-experiment-name", _with("experiment_name", ""), ["'experiment_name' is empty"]),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), [c[1:] for c in PARAMS_FILE_CASES], ids=[c[0] for c in PARAMS_FILE_CASES])
+def test_params_file_refused_by_purer_params(tmp_path: Path, text: str, words: list[str]) -> None:
+    (tmp_path / "params.yaml").write_text(text)
+    proc = subprocess.run([*PURER, "params"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    one_error_line(proc, *words)
+
+
+def test_params_file_control_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(_with("metatest.seed", 2**32 - 1))  # the largest seed is fine
+    proc = subprocess.run([*PURER, "params"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "metatest.seed: 4294967295" in proc.stdout, proc.stderr
 
 
 CONTRADICTIONS = [
@@ -485,6 +555,12 @@ def test_way_train_beyond_the_teachers_classes_is_refused(project_copy: Path) ->
                       "'way_train' is 11", "only 10 classes")
     assert_user_error(lambda: build_trainer(tiny_params(num_qur_train=3), Project(project_copy)),
                       "'synthesis_per_class' = 3")
+
+
+def test_candidate_size_beyond_the_pool_is_refused(project_copy: Path) -> None:
+    assert_user_error(lambda: build_trainer(tiny_params(candidate_size=3), Project(project_copy)),
+                      "'candidate_size' is 3", "only 2 teachers")
+    assert build_trainer(tiny_params(candidate_size=2), Project(project_copy)).params.candidate_size == 2
 
 
 def test_average_of_a_mixed_pool_is_refused_at_load(tmp_path: Path) -> None:

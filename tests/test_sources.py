@@ -303,6 +303,6 @@ def test_output_over_the_raw_data_is_refused(tmp_path):
     raw = tmp_path / "raw"
     for split in SPLITS:
         save_image(raw / "miniimagenet" / split / f"{split}_n1" / "a.jpg", (1, 1, 1))
-    with pytest.raises(UserError, match="would replace the raw data"):
+    with pytest.raises(UserError, match="contains the input"):
         prepare("miniimagenet", raw, tmp_path, progress=False)
     assert (raw / "miniimagenet" / "meta_train" / "meta_train_n1" / "a.jpg").is_file()

@@ -30,7 +30,7 @@ STAGE_ENTRIES = {
 }
 # Modules that move bytes, report or coordinate, but never change what a stage computes.
 INFRASTRUCTURE = {"purer_mlops.errors", "purer_mlops.fileio", "purer_mlops.paths", "purer_mlops.tracking",
-                  "purer_mlops.distributed"}
+                  "purer_mlops.distributed", "purer_mlops.interrupts"}
 
 
 def _modules() -> list[Path]:

@@ -1,23 +1,95 @@
-"""Atomic writes: an output is either the old file or the complete new one, never half-written."""
+"""Atomic writes: an output is either the old file or the complete new one, never half-written.
+
+A folder is replaced as a whole only when it is missing, empty or holds nothing but what the
+command writes there (:class:`OutputFolder`), and never when it contains one of the command's
+inputs. Temporaries that a killed writer left (``kill -9`` allows no clean-up) are removed by
+the next write of the same path.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 
+# ".<name>.<pid>-<12 hex>.tmp"; versions before the pid was added wrote ".<name>.<12 hex>.tmp"
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[0-9a-f]{12}\.tmp")
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """A kind of folder a command replaces as a whole.
+
+    Attributes:
+        what: what the folder is, for messages ("a teacher pool (pool.json, teacher_*.safetensors)").
+        names: a regular expression every entry of such a folder fully matches.
+    """
+
+    what: str
+    names: str
+
+    def foreign(self, folder: Path) -> list[str]:
+        """The entries of ``folder`` that the command did not write (temporaries aside)."""
+        return sorted(e.name for e in os.scandir(folder)
+                      if not re.fullmatch(self.names, e.name) and not _TEMPORARY.fullmatch(e.name))
+
+
+def check_replaceable(path: str | os.PathLike, kind: OutputFolder, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse to replace ``path`` when it contains (or is) one of ``inputs``, or when it holds
+    anything but ``kind``'s entries: the command would delete what it did not write."""
+    path = Path(path)
+    target = path.resolve()
+    for item in inputs:
+        if Path(item).resolve().is_relative_to(target):
+            raise UserError(f"the output folder {path} contains the input {item}: writing there would delete it. "
+                            "Choose another output folder.")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the output folder {path} is a file: move it away or choose another output folder.")
+    foreign = kind.foreign(path) if path.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"the output folder {path} is not {kind.what}: it holds {shown}, which this command "
+                        "did not write and would delete. Choose an empty or new folder, or move them away.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` whose writer is gone (killed before it could clean up)."""
+    if not path.parent.is_dir():
+        return
+    for entry in os.scandir(path.parent):
+        found = _TEMPORARY.fullmatch(entry.name)
+        if found is None or found["name"] != path.name or (found["pid"] and _alive(int(found["pid"]))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+
 
 def _create_beside(path: Path, create: Callable[[Path], None]) -> Path:
-    """A fresh hidden sibling ``.<name>.<random>.tmp`` of ``path``, made by ``create``."""
+    """A fresh hidden sibling ``.<name>.<pid>-<random>.tmp`` of ``path``, made by ``create``."""
+    remove_stale_temporaries(path)
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
         try:
             create(tmp)
             return tmp
@@ -90,12 +162,15 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: OutputFolder, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Build a folder in a temporary sibling and swap it in place of ``path`` on success.
 
-    A failure leaves the previous folder (if any) untouched and removes the partial one.
+    ``path`` is first checked (:func:`check_replaceable`): it must be missing, empty or of
+    ``kind``, and contain none of ``inputs``. A failure leaves the previous folder (if any)
+    untouched and removes the partial one.
     """
     path = Path(path)
+    check_replaceable(path, kind, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_beside(path, lambda p: os.mkdir(p, 0o777))
     try:

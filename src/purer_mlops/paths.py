@@ -20,7 +20,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ModelDir:
     """A meta-training run's model folder: ``best``/``last`` (``.safetensors`` + ``.json`` card),
-    ``last.pt`` (the resumable state) and ``history/iter_<n>`` (every validated model)."""
+    ``last.pt`` (the resumable state), ``history/iter_<n>`` (every validated model), and
+    ``in_progress.json`` while a run that has not finished owns the folder."""
 
     folder: Path
 
@@ -39,6 +40,10 @@ class ModelDir:
     @property
     def history(self) -> Path:
         return self.folder / "history"
+
+    @property
+    def in_progress(self) -> Path:
+        return self.folder / "in_progress.json"
 
     def validated(self, iteration: int) -> Path:
         """Stem of the model validated at ``iteration``."""

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from .errors import UserError
 from .paths import Project
@@ -158,7 +162,11 @@ def store_root(root: Path) -> Path:
 
 def tracking_uri(root: Path) -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the SQLite file at the store root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri):  # host:port, which MLflow takes for a folder
+        raise TrackingError(f"MLFLOW_TRACKING_URI is {uri!r}, which has no scheme: add http:// "
+                            f"(MLFLOW_TRACKING_URI=http://{uri}) for a tracking server.")
+    return uri or f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def scenario(params: Any) -> str:
@@ -195,24 +203,60 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_server(uri: str) -> None:
-    """Fail fast on an HTTP store that does not answer (MLflow itself retries for minutes)."""
-    from urllib.error import URLError
+def _get(url: str) -> None:
+    """GET ``url`` (10 s timeout); a client error (4xx: not found, needs a login) is MLflow's to handle."""
+    from urllib.error import HTTPError
     from urllib.request import urlopen
 
     try:
-        with urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+        with urlopen(url, timeout=10) as response:
             response.read()
-    except (URLError, OSError) as err:
-        raise TrackingError(
-            f"the MLflow server at {uri} does not answer ({err}). Start it (see docs/tracking.md), "
-            "unset MLFLOW_TRACKING_URI to use mlflow.db at the repository root, or set "
-            "tracking: false."
-        ) from err
+    except HTTPError as err:
+        if err.code >= 500:
+            raise
+
+
+def _check_server(uri: str, experiment: str) -> None:
+    """Fail fast on an HTTP store that does not answer, or whose API fails (MLflow itself retries
+    for minutes): its health check and an experiment lookup, each tried twice."""
+    from urllib.error import URLError
+    from urllib.parse import urlencode
+
+    base = uri.rstrip("/")
+    for url in (f"{base}/health", f"{base}/api/2.0/mlflow/experiments/get-by-name?"
+                                  + urlencode({"experiment_name": experiment})):
+        for attempt in (1, 2):
+            try:
+                _get(url)
+                break
+            except (URLError, OSError) as err:
+                if attempt == 2:
+                    raise TrackingError(
+                        f"the MLflow server at {uri} does not work ({url} answers: {err}). Start or fix it (see "
+                        "docs/tracking.md), unset MLFLOW_TRACKING_URI to use mlflow.db at the repository root, "
+                        "or set tracking: false."
+                    ) from err
+
+
+def _check_artifact_location(name: str, location: str, expected: str, own_store: bool) -> None:
+    """Refuse a local experiment whose artifacts live elsewhere than this project's ``mlruns``
+    (``own_store``: the store is the project's mlflow.db) or in a folder that is gone: the
+    project was moved or copied, and its artifacts would go to (or recreate) the old path."""
+    if not location.startswith("file:"):
+        return
+    stale, here = (Path(url2pathname(urlparse(uri).path)) for uri in (location, expected))
+    if stale == here or (not own_store and stale.parent.is_dir()):
+        return  # a store shared through MLFLOW_TRACKING_URI keeps artifacts where it was created
+    raise TrackingError(
+        f"MLflow experiment '{name}' keeps its artifacts in {stale}, not in this project's {here}: the "
+        "project was moved or copied with its store. Move it back, or set experiment_name to a new name "
+        "(a new experiment, whose artifacts stay here)."
+    )
 
 
 def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created with ``artifact_location`` if it is new."""
+    """The id of experiment ``name``, created with ``artifact_location`` if it is new; an
+    existing one must keep its artifacts there (:func:`_check_artifact_location`)."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -229,6 +273,9 @@ def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str
             f"MLflow experiment '{name}' is deleted. Restore it with `mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}`, or set another experiment_name."
         )
+    if artifact_location is not None:
+        _check_artifact_location(name, experiment.artifact_location, artifact_location,
+                                 "MLFLOW_TRACKING_URI" not in os.environ)
     return experiment.experiment_id
 
 
@@ -254,15 +301,17 @@ def _parent_run(client: Any, experiment_id: str, root: Path, commit: str | None)
 def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
     """Open the store, the experiment and a new run, logging params and inputs: any failure is
     a :class:`TrackingError` raised before the stage does any work."""
+    uri = tracking_uri(root)
     from mlflow import MlflowClient
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    uri = tracking_uri(root)
+    # MLflow logs a store error with its whole traceback before raising it; the one line below says it all.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     remote = uri.startswith(("http://", "https://", "databricks"))
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        _check_server(uri, params.experiment_name)
     # A local store keeps artifacts at the store root, even when the run works in a temp copy.
     artifacts = None if remote else Path(store_root(root), "mlruns").resolve().as_uri()
     commit = git_commit(root)
@@ -294,10 +343,19 @@ def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
                 tracker.log_artifact(path)
     except (MlflowException, SQLAlchemyError, OSError) as err:
         raise TrackingError(
-            f"cannot log to the MLflow store {uri}: {err}. Fix the store or its folder, unset "
+            f"cannot log to the MLflow store {uri}: {_root_cause(err)}. Fix the store or its folder, unset "
             "MLFLOW_TRACKING_URI to use mlflow.db at the repository root, or set tracking: false."
         ) from err
     return tracker
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost cause (sqlite's "attempt to write a readonly database"
+    rather than SQLAlchemy's many lines of SQL)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 @contextmanager

@@ -8,11 +8,14 @@ commands around them (presets, parameters, teacher import).
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import NoReturn
 
 import click
 
 from ..errors import UserError
+from ..interrupts import treat_sigterm_as_ctrl_c
 from .options import cli
 from .stages import register as register_stages
 from .tools import register as register_tools
@@ -22,10 +25,14 @@ register_tools(cli)
 
 
 def main() -> None:
-    """Console entry point: user errors → one line on stderr, exit code 2."""
+    """Console entry point: user errors → one line on stderr, exit code 2; Ctrl-C and SIGTERM →
+    what was saved, exit code 128 + the signal's number."""
+    treat_sigterm_as_ctrl_c()
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C (and SIGTERM) into Abort
+            _interrupted(err.__cause__)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:
@@ -34,9 +41,16 @@ def main() -> None:
     except UserError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        _interrupted(err)
+
+
+def _interrupted(err: KeyboardInterrupt) -> NoReturn:
+    """Say which signal stopped the command and what it saved; exit 128 + the signal's number."""
+    signum = getattr(err, "signum", signal.SIGINT)
+    saved = getattr(err, "saved", "")
+    click.echo(f"interrupted by {signal.Signals(signum).name}" + (f": {saved}." if saved else "."), err=True)
+    sys.exit(128 + signum)
 
 
 __all__ = ["cli", "main"]

@@ -61,6 +61,8 @@ class Knob:
         value = _check_type(name, value, hint)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"params.yaml: '{name}' is {value}; it must be a finite number.")
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"params.yaml: '{name}' is empty; it must be a non-empty string.")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"params.yaml: '{name}' is {value!r}; choose one of: "
                               f"{', '.join(map(str, self.choices))}.")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from .filelist import read_filelist
+from .filelist import filelist_path, read_filelist
 from .registry import DATASETS
 
 
@@ -57,6 +57,7 @@ class ImageSet:
         classes: class names, sorted.
         mean, std: normalisation constants of the dataset (RGB).
         name: ``<dataset>/<split>``.
+        source: the filelist the images were listed in (image i on its line i + 2), if any.
     """
 
     images: torch.Tensor
@@ -65,6 +66,7 @@ class ImageSet:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str
+    source: Path | None = None
 
     def __post_init__(self) -> None:
         order = torch.argsort(self.labels, stable=True)
@@ -91,8 +93,18 @@ class ImageSet:
             raise UserError(f"'{keys[0]}' is {way} but {self.name} has only {len(self.classes)} classes; "
                             f"lower '{keys[0]}'.")
         if shot + query > self.min_per_class():
-            raise UserError(f"'{keys[1]}' + '{keys[2]}' = {shot + query} images per class, but a class of "
-                            f"{self.name} holds only {self.min_per_class()}; lower them.")
+            smallest = min(range(len(self.classes)), key=lambda c: len(self.by_class[c]))
+            raise UserError(f"'{keys[1]}' + '{keys[2]}' = {shot + query} images per class, but class "
+                            f"{self.classes[smallest]!r} of {self.name} holds only {self.min_per_class()}"
+                            f"{self._where(smallest)}; lower them, or give that class more images.")
+
+    def _where(self, c: int) -> str:
+        """`` (<filelist>, line(s) N, …)``: where the images of class ``c`` are listed."""
+        if self.source is None:
+            return ""
+        lines = sorted(int(i) + 2 for i in self.by_class[c])  # row i is on line i + 2 (after the header)
+        shown = ", ".join(map(str, lines[:5])) + (", …" if len(lines) > 5 else "")
+        return f" ({self.source}, line{'s' if len(lines) > 1 else ''} {shown})"
 
 
 def load_split(dataset: str, root: Path, split: str, progress: bool = False) -> ImageSet:
@@ -111,6 +123,7 @@ def load_split(dataset: str, root: Path, split: str, progress: bool = False) -> 
         images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         labels=torch.tensor([index[c] for _, c in rows], dtype=torch.int64),
         classes=classes, mean=info.mean, std=info.std, name=f"{dataset}/{split}",
+        source=filelist_path(root, split),
     )
 
 

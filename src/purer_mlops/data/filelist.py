@@ -12,8 +12,11 @@ import io
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import atomic_dir
+from ..fileio import OutputFolder, atomic_dir
 from .registry import IMAGE_SUFFIXES, SPLITS
+
+SPLIT_FOLDER = OutputFolder("a filelist folder (meta_train.csv, meta_val.csv, meta_test.csv)",
+                            r"meta_(train|val|test)\.csv")
 
 
 def list_split(root: Path, split: str) -> list[tuple[str, str]]:
@@ -41,7 +44,7 @@ def list_split(root: Path, split: str) -> list[tuple[str, str]]:
 def write_filelists(root: Path) -> dict[str, dict[str, int]]:
     """Write ``root/split/<split>.csv`` for the three splits; returns class and image counts."""
     tables = {split: list_split(root, split) for split in SPLITS}
-    with atomic_dir(root / "split") as tmp:
+    with atomic_dir(root / "split", SPLIT_FOLDER) as tmp:
         for split, rows in tables.items():
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")
@@ -52,13 +55,18 @@ def write_filelists(root: Path) -> dict[str, dict[str, int]]:
             for split, rows in tables.items()}
 
 
+def filelist_path(root: Path, split: str) -> Path:
+    """``root/split/<split>.csv``."""
+    return root / "split" / f"{split}.csv"
+
+
 def read_filelist(root: Path, split: str) -> list[tuple[Path, str]]:
     """Rows ``(absolute path, class name)`` of ``root/split/<split>.csv``, checked.
 
     Refuses a file whose header is not ``filename,label`` and any row whose path leaves
     the dataset root (``../``, absolute paths, links out): a filelist is input, not code.
     """
-    path = root / "split" / f"{split}.csv"
+    path = filelist_path(root, split)
     if not path.is_file():
         raise UserError(f"filelist {path} not found: run `dvc repro filelist` (or `purer filelist`).")
     with path.open(newline="") as f:
@@ -72,6 +80,9 @@ def read_filelist(root: Path, split: str) -> list[tuple[Path, str]]:
         for n, row in enumerate(reader, start=2):
             if len(row) != 2:
                 raise UserError(f"{path}, line {n}: expected 2 columns (filename,label), got {len(row)}.")
+            if not row[0].strip() or not row[1].strip():
+                raise UserError(f"{path}, line {n}: the {'filename' if not row[0].strip() else 'label'} is empty; "
+                                "fix or remove the row, or regenerate the file with `purer filelist`.")
             full = (root / row[0]).resolve()
             if not full.is_relative_to(base):
                 raise UserError(f"{path}, line {n}: {row[0]!r} points outside the dataset root {root}; "

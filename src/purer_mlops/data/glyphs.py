@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..fileio import atomic_dir
+from .registry import DATASET_FOLDER
 
 SPLIT_SIZES = {"meta_train": 64, "meta_val": 16, "meta_test": 20}
 
@@ -290,7 +291,7 @@ def generate(
     width = max(4, len(str(images_per_class - 1)))
 
     total = sum(len(cps) for cps in splits.values())
-    with atomic_dir(Path(root)) as tmp, tqdm(
+    with atomic_dir(Path(root), DATASET_FOLDER) as tmp, tqdm(
         total=total, desc="Glyph-FS classes", unit="class", disable=not progress
     ) as bar:
         for split, cps in splits.items():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..fileio import OutputFolder
+
 SPLITS = ("meta_train", "meta_val", "meta_test")
+
+# data/<dataset>/ as `purer prepare` replaces it: the splits, the filelists' folder and the
+# .gitignore DVC writes beside its outputs. Anything else there is the user's, never deleted.
+DATASET_FOLDER = OutputFolder("a dataset folder (meta_train/, meta_val/, meta_test/, split/)",
+                              r"meta_(train|val|test)|split|\.gitignore")
 
 # Only these suffixes count as images; anything else in a class folder (.DS_Store, notes) is skipped.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})

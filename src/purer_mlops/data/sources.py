@@ -25,8 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..fileio import atomic_dir
-from .registry import IMAGE_SUFFIXES, SPLITS
+from ..fileio import atomic_dir, check_replaceable
+from .registry import DATASET_FOLDER, IMAGE_SUFFIXES, SPLITS
 
 # An item is either a file to copy (keeps its name) or a CIFAR image (H, W, 3 uint8) to encode.
 Item = Path | np.ndarray
@@ -57,14 +57,20 @@ def _image_files(folder: Path) -> list[Path]:
             "if the class does not belong to the dataset."
         )
     for image in images:
-        _check_non_empty(image)
+        _check_image(image)
     return images
 
 
-def _check_non_empty(path: Path) -> None:
-    """Refuse a zero-byte file: a truncated download or copy."""
+def _check_image(path: Path) -> None:
+    """Refuse a zero-byte file (a truncated download or copy) and one that is no image (an HTML
+    error page saved as .jpg): the header is read and checked, the pixels are not decoded."""
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes): copy it again from the original dataset.")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path} is not an image ({err}): replace it with the original file, or remove it.") from err
 
 
 def _class_folders(folder: Path) -> list[Path]:
@@ -285,7 +291,7 @@ def _plan_flower(raw_root: Path) -> Layout:
                 f"{image} not found, but {mat_path.name} labels {labels.size} images: "
                 "extract 102flowers.tgz again into that folder."
             )
-        _check_non_empty(image)
+        _check_image(image)
         per_class[int(label)].append(image)
     layout: Layout = {}
     for s in SPLITS:
@@ -313,10 +319,10 @@ def _write_item(item: Item, class_dir: Path, index: int) -> None:
         Image.fromarray(item, "RGB").save(class_dir / f"{index}.png", format="PNG")
 
 
-def _write_layout(layout: Layout, out_dir: Path, desc: str, progress: bool) -> dict:
+def _write_layout(layout: Layout, out_dir: Path, raw_root: Path, desc: str, progress: bool) -> dict:
     """Write a ``{split: {class: [items]}}`` layout as ``out_dir/<split>/<class>/``, atomically."""
     total = sum(len(items) for classes in layout.values() for items in classes.values())
-    with atomic_dir(out_dir) as tmp, tqdm(
+    with atomic_dir(out_dir, DATASET_FOLDER, inputs=[raw_root]) as tmp, tqdm(
         total=total, desc=desc, unit="img", disable=not progress
     ) as bar:
         for split, classes in layout.items():
@@ -359,11 +365,6 @@ def prepare(dataset: str, raw_root: Path, out_dir: Path, *, progress: bool = Tru
             f"unknown dataset {dataset!r} to prepare: choose one of {', '.join(_PLANNERS)}."
         )
     raw_root, out_dir = Path(raw_root), Path(out_dir)
-    # Replacing out_dir must never delete the user's raw data.
-    if raw_root.resolve().is_relative_to(out_dir.resolve()):
-        raise UserError(
-            f"output folder {out_dir} would replace the raw data under {raw_root}: "
-            "choose another output folder."
-        )
+    check_replaceable(out_dir, DATASET_FOLDER, inputs=[raw_root])  # before reading the raw data
     layout = planner(raw_root)
-    return _write_layout(layout, out_dir, f"preparing {dataset}", progress)
+    return _write_layout(layout, out_dir, raw_root, f"preparing {dataset}", progress)

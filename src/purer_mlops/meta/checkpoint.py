@@ -4,7 +4,9 @@
   needed to rebuild and use it), for ``best``, ``last`` and every validated iteration;
 - the **resume state** ``last.pt``: everything :class:`~.trainer.MetaTrainer` needs to go on,
   stamped with the run's **fingerprint** (the knobs that change what training computes, the
-  oracle flag and the pool's ``pool.json``), so only the run it belongs to resumes from it.
+  oracle flag and the pool's ``pool.json``), so only the run it belongs to resumes from it;
+- ``in_progress.json`` from the start of a run until it finishes: the models beside it are
+  then a run's first iterations, and :func:`load_model` refuses them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from safetensors.torch import load_file, save
 from ..config import Params
 from ..config.reference import fingerprint_knobs
 from ..errors import UserError
-from ..fileio import write_bytes, write_json, write_with
-from ..models.backbones import Classifier, build_backbone
+from ..fileio import OutputFolder, write_bytes, write_json, write_with
+from ..models.backbones import ARCHITECTURES, Classifier, build_backbone
+from ..paths import ModelDir
+
+HISTORY_FOLDER = OutputFolder("a folder of validated models (iter_*.safetensors, iter_*.json)",
+                              r"iter_\d+\.(safetensors|json)")
 
 
 def fingerprint(params: Params, pool_dir: Path, oracle: bool) -> str:
@@ -51,19 +57,43 @@ def save_model(model: Classifier, card: dict, stem: Path) -> None:
     write_json(stem.with_suffix(".json"), card)
 
 
+def check_finished(models: ModelDir) -> None:
+    """Refuse the models of a run that has not finished (killed, or still running)."""
+    if models.in_progress.is_file():
+        raise UserError(f"{models.folder} holds the first iterations of a meta-training run that has not "
+                        f"finished ({models.in_progress.name}): re-run `purer metatrain` to finish it (it "
+                        f"resumes), or `dvc checkout {models.folder}` to restore the last committed models.")
+
+
+def weights_architecture(state: dict[str, torch.Tensor], way: int, image_size: int) -> str | None:
+    """The backbone whose meta-model has exactly the tensors of ``state``; None if none has."""
+    for arch in ARCHITECTURES:
+        expected = build_backbone(arch, way, image_size, track_running_stats=False).state_dict()
+        if expected.keys() == state.keys() and all(v.shape == state[k].shape for k, v in expected.items()):
+            return arch
+    return None
+
+
 def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
     """Rebuild a meta-model saved by :func:`save_model` (no unpickling: safetensors + JSON)."""
     weights, card_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not weights.is_file() or not card_path.is_file():
         raise UserError(f"meta-model {weights} (and its .json card) not found: run `purer metatrain` "
                         "(or `dvc repro metatrain`) first.")
+    check_finished(ModelDir(stem.parent))
     try:
         card = json.loads(card_path.read_text())
         model = build_backbone(card["backbone"], card["way"], card["image_size"], track_running_stats=False)
         state = load_file(str(weights))
+        if state.keys() != model.state_dict().keys():
+            found = weights_architecture(state, card["way"], card["image_size"]) or "of no known backbone"
+            raise UserError(f"meta-model {weights}: its card {card_path.name} says backbone {card['backbone']}, "
+                            f"but the weights are {found}. Restore the card (`dvc checkout {stem.parent}`) or "
+                            "re-run `purer metatrain`.")
         model.load_state_dict(state, strict=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise UserError(f"meta-model {weights} is unreadable or does not match its card ({err}); "
+        reason = " ".join(str(err).split())  # load_state_dict's message spans lines
+        raise UserError(f"meta-model {weights} is unreadable or does not match its card ({reason}); "
                         "re-run `purer metatrain`.") from err
     return model.to(device), card
 

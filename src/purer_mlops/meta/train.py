@@ -3,7 +3,8 @@
 The loop is short; what happens around the iterations lives in named hooks: validation
 (and model selection), the resumable checkpoint, the bank images. A run resumes from its
 ``last.pt`` when the fingerprint matches (:mod:`.checkpoint`); under ``torchrun`` every rank
-runs the loop on its share of the work and only rank 0 validates and writes.
+runs the loop on its share of the work and only rank 0 validates and writes. Ctrl-C or SIGTERM
+(one process) end the current iteration, save the resumable state, then stop.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from ..config import Params
 from ..data.dataset import load_split
 from ..distributed import SINGLE, Ranks, pick_device
 from ..errors import UserError
-from ..fileio import read_json, write_csv, write_json, write_with
+from ..fileio import check_replaceable, read_json, write_csv, write_json, write_with
+from ..interrupts import Interrupted, Pending, held
 from ..paths import ModelDir, Project
 from ..tracking import Tracker
-from .checkpoint import fingerprint, matching_resume_state, model_card, save_model, save_resume_state
+from .checkpoint import HISTORY_FOLDER, fingerprint, matching_resume_state, model_card, save_model, save_resume_state
 from .pool import load_teachers
 from .trainer import TRAIN_COLUMNS, MetaTrainer
 
@@ -45,8 +47,11 @@ def build_trainer(params: Params, project: Project, *, oracle: bool = False, dev
         real = load_split(params.dataset, data, "meta_train")
         real.check_task_shape(params.way_train, params.num_sup_train, params.num_qur_train,
                               ("way_train", "num_sup_train", "num_qur_train"))
-    return MetaTrainer(params, load_teachers(project.teachers), val, device or pick_device(params.device),
-                       real=real, ranks=ranks)
+    pool = load_teachers(project.teachers)
+    if params.candidate_size > len(pool.teachers) and not oracle:  # the oracle has no bank to update
+        raise UserError(f"'candidate_size' is {params.candidate_size} but the pool in {project.teachers} has only "
+                        f"{len(pool.teachers)} teachers; lower it to {len(pool.teachers)} or less (0: all of them).")
+    return MetaTrainer(params, pool, val, device or pick_device(params.device), real=real, ranks=ranks)
 
 
 def bank_grid(bank: torch.Tensor, mean, std, classes: int = 10, per_class: int = 8) -> np.ndarray:
@@ -138,10 +143,15 @@ def check_divergence(trainer: MetaTrainer) -> None:
                         "outer_lr or inversion.lr (or adv_scale), then re-run; the previous outputs are kept.")
 
 
-def _loop(trainer: MetaTrainer, hooks: dict, tracker: Tracker, bar: tqdm) -> None:
-    """Meta-iterations up to the end, calling each hook at its interval (main rank only)."""
+def _loop(trainer: MetaTrainer, hooks: dict, tracker: Tracker, bar: tqdm, stop: Pending) -> None:
+    """Meta-iterations up to the end, calling each hook at its interval (main rank only), until
+    ``stop`` records a signal: then the state is saved and :class:`Interrupted` raised."""
     mt, total = trainer.params.metatrain, trainer.params.meta_iterations
     while trainer.iteration < total:
+        if stop.signum is not None:
+            hooks["checkpoint"]()
+            raise Interrupted(stop.signum, f"the state of iteration {trainer.iteration} is saved; run the same "
+                              "command again to resume")
         row = trainer.step()
         bar.update(1)
         check_divergence(trainer)
@@ -171,6 +181,18 @@ def summary(trainer: MetaTrainer, resumed_from: int, started: float) -> dict:
     }
 
 
+def _begin(files: RunFiles, fp: str, total: int, fresh: bool, hooks: dict) -> None:
+    """Mark the model folder in progress (its models are not for use until the run finishes); a
+    fresh run also replaces the previous run's validated models and validates its starting point."""
+    if fresh:
+        check_replaceable(files.models.history, HISTORY_FOLDER)
+    write_json(files.models.in_progress, {"fingerprint": fp, "meta_iterations": total})
+    if fresh:
+        shutil.rmtree(files.models.history, ignore_errors=True)  # a previous run's checkpoints
+        hooks["validate"]()
+        hooks["images"]()
+
+
 def run(params: Params, project: Project, *, files: RunFiles | None = None, oracle: bool = False,
         progress: bool = True, tracker: Tracker | None = None, reuse_complete: bool = False,
         ranks: Ranks = SINGLE) -> dict:
@@ -197,17 +219,16 @@ def run(params: Params, project: Project, *, files: RunFiles | None = None, orac
     checkpoints = Checkpoints(trainer, files, fp)
     hooks = {"validate": Validation(trainer, checkpoints, tracker), "checkpoint": checkpoints.save_state,
              "images": BankImages(trainer, files.results, tracker)}
-    if resumed_from == 0 and ranks.is_main:
-        shutil.rmtree(files.models.history, ignore_errors=True)  # a previous run's checkpoints
-        hooks["validate"]()
-        hooks["images"]()
+    if ranks.is_main:
+        _begin(files, fp, params.meta_iterations, resumed_from == 0, hooks)
     with tqdm(total=params.meta_iterations, initial=resumed_from, desc="metatrain",
-              disable=not (progress and ranks.is_main)) as bar:
-        _loop(trainer, hooks, tracker, bar)
+              disable=not (progress and ranks.is_main)) as bar, held(enabled=not ranks.active) as stop:
+        _loop(trainer, hooks, tracker, bar, stop)
     if not ranks.is_main:
         return {}
     checkpoints.save_state()
     checkpoints.save_last_model()
+    files.models.in_progress.unlink()
     metrics = summary(trainer, resumed_from, started)
     write_json(files.results / "metrics.json", metrics)
     return metrics

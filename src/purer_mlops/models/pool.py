@@ -32,13 +32,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import atomic_dir
+from ..fileio import OutputFolder, atomic_dir
 from .backbones import ARCHITECTURES, Classifier, build_backbone
 
 POOL_FORMAT = "purer-teacher-pool"
 POOL_VERSION = 1
 POOL_FILE = "pool.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+POOL_FOLDER = OutputFolder("a teacher pool (pool.json, teacher_*.safetensors)", r"pool\.json|teacher_\d+\.safetensors")
 
 
 @dataclass(frozen=True)
@@ -131,19 +132,20 @@ def _record_json(rec: TeacherRecord) -> dict:
             "classes": list(rec.classes), "class_ids": list(rec.class_ids)}
 
 
-def save_pool(folder: Path,
-              teachers: Iterable[tuple[TeacherRecord, Weights]]) -> list[TeacherRecord]:
+def save_pool(folder: Path, teachers: Iterable[tuple[TeacherRecord, Weights]],
+              inputs: Iterable[Path] = ()) -> list[TeacherRecord]:
     """Write ``(record, model or state dict)`` pairs to ``folder``, replacing it atomically.
 
     ``teachers`` may be a generator that trains them: each is checked against its record
     (:func:`model_from_state_dict`) and written as it arrives, so only one state dict is
     held at a time, and any exception leaves the previous pool untouched. ``name``,
     ``file`` and ``sha256`` of the given records are ignored and assigned here
-    (``teacher_000``, ...). Returns the records as stored in ``pool.json``.
+    (``teacher_000``, ...). ``folder`` must be missing, empty or a pool, and contain none
+    of ``inputs`` (the files the teachers come from). Returns the records as stored in ``pool.json``.
     """
     folder = Path(folder)
     stored: list[TeacherRecord] = []
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, POOL_FOLDER, inputs) as tmp:
         for i, (rec, weights) in enumerate(teachers):
             _check_record_fields(rec, f"teacher {i}")
             state = _state_of(weights)

@@ -33,8 +33,9 @@ import yaml
 from ..data.filelist import read_filelist
 from ..data.registry import DATASETS
 from ..errors import UserError
+from ..fileio import check_replaceable
 from ..models.backbones import ARCHITECTURES
-from ..models.pool import TeacherRecord, inside, model_from_state_dict, save_pool
+from ..models.pool import POOL_FOLDER, TeacherRecord, inside, model_from_state_dict, save_pool
 from ..paths import Project
 from .reference import detect, to_ours
 
@@ -185,19 +186,22 @@ def import_pool(source: Path, manifest: Path | None, out: Path, root: Path = Pat
     manifest (``dataset``, optional ``class_order``) or none but ``dataset``, ``source`` is a
     folder of the reference's ``model_<i>.pth`` (:func:`import_reference_folder`).
     ``root`` is the project root, where ``data/<dataset>/split/meta_train.csv`` resolves class
-    names to ``class_ids``. Everything is checked before ``out`` is replaced (atomically).
+    names to ``class_ids``. Everything is checked before ``out`` is replaced (atomically); ``out``
+    must be missing, empty or a pool, and contain neither ``source`` nor ``manifest``.
     Returns the stored records (accuracy None: unknown).
     """
     source = Path(source)
     if not source.is_dir():
         raise UserError(f"source folder {source} not found.")
+    inputs = [source] if manifest is None else [source, Path(manifest)]
+    check_replaceable(out, POOL_FOLDER, inputs)  # before reading any checkpoint
     if (manifest is None) == (dataset is None):
         raise UserError("give exactly one of a manifest and (for a folder of the reference's "
                         "model_<i>.pth) a dataset, not both or neither.")
     doc = None if manifest is None else _read_doc(manifest)
     if doc is None or _is_short(doc):
         short = {"dataset": dataset} if doc is None else _read_short(doc, manifest)
-        return import_reference_folder(source, out, root, short["dataset"], short.get("class_order"))
+        return import_reference_folder(source, out, root, short["dataset"], short.get("class_order"), inputs)
     teachers = []
     for i, entry in enumerate(read_manifest(manifest, doc)):
         where = f"manifest {manifest}, teacher {i}"
@@ -212,7 +216,7 @@ def import_pool(source: Path, manifest: Path | None, out: Path, root: Path = Pat
         model = model_from_state_dict(_our_state(path, rec.arch, where), rec.arch, rec.num_classes,
                                       rec.image_size, str(path))
         teachers.append((rec, model))
-    return save_pool(out, teachers)
+    return save_pool(out, teachers, inputs)
 
 
 def _read_short(doc: dict, manifest: Path) -> dict:
@@ -268,14 +272,15 @@ def reference_classes(root: Path, dataset: str, class_order: list[str] | None) -
     return list(class_order), [ordered.index(c) for c in class_order]
 
 
-def import_reference_folder(source: Path, out: Path, root: Path, dataset: str,
-                            class_order: list[str] | None = None) -> list[TeacherRecord]:
+def import_reference_folder(source: Path, out: Path, root: Path, dataset: str, class_order: list[str] | None = None,
+                            inputs: list[Path] | None = None) -> list[TeacherRecord]:
     """Import the reference's SS pool: ``model_<i>.pth`` is the teacher of class block *i*.
 
     Block *i* is the reference's classes ``i·W … i·W+W−1`` (W = the checkpoints' logits, its
     ``num_class_per_task``), as its pretrain.py assigns them; see :func:`reference_classes` for
     the numbering. The last block may hold fewer than W classes: the reference still gave it W
     logits, of which the untrained surplus ones are dropped. Architectures are detected per file.
+    ``inputs`` (default: ``source``) are what ``out`` must not contain.
     """
     _check_dataset(dataset, f"{source}")
     files = reference_files(source)
@@ -301,7 +306,7 @@ def import_reference_folder(source: Path, out: Path, root: Path, dataset: str,
             label = f"{path} (reference {arch} layout, tensors renamed as in docs/teachers.md)"
             yield rec, model_from_state_dict(state, arch, kept, info.image_size, label)
 
-    return save_pool(out, teachers())
+    return save_pool(out, teachers(), inputs or [source])
 
 
 def _reference_state(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
