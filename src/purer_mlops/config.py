@@ -55,9 +55,13 @@ class GlyphsParams:
 
 @dataclass(frozen=True)
 class PretrainParams:
-    """Teacher pretraining (stage ``pretrain``), as in the reference scripts."""
+    """Teacher pretraining (stage ``pretrain``); docs/teachers.md compares the two recipes."""
 
-    epochs: int = knob(30, ge=1, doc="training epochs per teacher (best epoch kept)")
+    recipe: str = knob("purer-mlops", choices=("purer-mlops", "reference"),
+                       doc="purer-mlops: augmentation + cosine schedule; reference: the authors' init "
+                       "and step schedule, no augmentation")
+    steps: int = knob(300, ge=1, doc="optimiser steps per teacher when epochs is 0 (small datasets get more epochs)")
+    epochs: int = knob(0, ge=0, doc="0: as many epochs as 'steps' needs; else exactly this many (reference: 60)")
     batch_size: int = knob(64, ge=1, doc="reference: 128")
     holdout: float = knob(0.2, gt=0.0, le=0.5, doc="per-class held-out fraction for model selection")
     conv4_lr: float = knob(0.01, gt=0.0, doc="Adam learning rate of conv4 teachers")
@@ -65,6 +69,8 @@ class PretrainParams:
     momentum: float = knob(0.9, ge=0.0, le=1.0)
     weight_decay: float = knob(5e-4, ge=0.0)
     grad_clip: float = knob(50.0, gt=0.0)
+    min_accuracy: float = knob(50.0, ge=0.0, le=100.0, doc="held-out accuracy (percent) every teacher "
+                               "must reach, else the stage fails and keeps the previous pool")
 
 
 @dataclass(frozen=True)
