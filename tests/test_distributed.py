@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-TINY = {"pool_mode": "random", "APInum": 4, "pretrain.epochs": 1, "episode_train": 12, "episode_batch": 4,
+TINY = {"pool_mode": "random", "APInum": 4, "pretrain.epochs": 1, "pretrain.min_accuracy": 0.0,
+        "episode_train": 12, "episode_batch": 4,
         "num_qur_train": 3, "num_qur_test": 3, "synthesis_per_class": 4, "adv_start": 1,
         "metatrain.val_interval": 3, "metatrain.val_episodes": 3, "metatrain.checkpoint_interval": 3,
         "metatrain.image_interval": 3, "test_inner_update_num": 1, "tracking": False, "device": "cpu"}

@@ -17,6 +17,7 @@ from purer_mlops.data.registry import SPLITS
 from purer_mlops.errors import UserError
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import load_pool, read_records
+from purer_mlops.paths import Project
 from purer_mlops.teachers.pretrain import accuracy as heldout_accuracy
 from purer_mlops.teachers.pretrain import (
     block_label_sets,
@@ -27,9 +28,12 @@ from purer_mlops.teachers.pretrain import (
 )
 
 
-def make_dataset(root: Path, name: str, classes: int, per_class: int, seed: int = 0) -> Path:
-    """``root/data/<name>`` with ``classes`` learnable classes (a bright square at a class-specific
-    place on noise) in meta_train, two tiny classes in meta_val/meta_test, and filelists."""
+def make_dataset(root: Path, name: str, classes: int, per_class: int, seed: int = 0,
+                 learnable: int | None = None) -> Path:
+    """``root/data/<name>`` with ``classes`` classes in meta_train, two tiny classes in
+    meta_val/meta_test, and filelists. The first ``learnable`` classes (default: all) have a
+    bright square at a class-specific place on noise; the others are noise alone, which no
+    teacher can tell apart."""
     folder = root / "data" / name
     rng = np.random.default_rng(seed)
     for split in SPLITS:
@@ -40,15 +44,17 @@ def make_dataset(root: Path, name: str, classes: int, per_class: int, seed: int 
             for i in range(k):
                 img = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
                 y, x = divmod(c % 9, 3)
-                img[y * 10:y * 10 + 10, x * 10:x * 10 + 10, c % 3] = 255
+                if learnable is None or c < learnable:
+                    img[y * 10:y * 10 + 10, x * 10:x * 10 + 10, c % 3] = 255
                 Image.fromarray(img).save(cls / f"{i:03d}.png")
     write_filelists(folder)
     return folder
 
 
-def params(**changes):
-    raw = {"dataset": "glyphs", "pretrain": {"epochs": 2, "batch_size": 16}, **changes}
-    return from_dict(raw)
+def params(pretrain: dict | None = None, **changes):
+    """Tiny pretraining params; ``pretrain`` updates the section (no accuracy floor: 2 epochs)."""
+    section = {"epochs": 2, "batch_size": 16, "min_accuracy": 0.0, **(pretrain or {})}
+    return from_dict({"dataset": "glyphs", "pretrain": section, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def test_block_label_sets_cover_every_class_with_full_teachers() -> None:
 
 
 def test_blocks_pool(glyph_root: Path) -> None:
-    metrics = run(params(), glyph_root, progress=False)
+    metrics = run(params(), Project(glyph_root), progress=False)
     records = read_records(glyph_root / "models" / "teachers")
     assert [r.class_ids for r in records] == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (7, 8, 9, 10, 11)]
     assert records[2].classes == tuple(f"class_{c:02d}" for c in (7, 8, 9, 10, 11))
@@ -78,6 +84,14 @@ def test_blocks_pool(glyph_root: Path) -> None:
     assert metrics["acc_min"] == min(accs) and metrics["acc_mean"] == pytest.approx(sum(accs) / 3)
     assert metrics["wall_seconds"] > 0
     assert len(load_pool(glyph_root / "models" / "teachers")) == 3
+    # the per-teacher table: one row per teacher with its classes, accuracy and epochs
+    assert list(metrics["by_teacher"]) == ["teacher_000", "teacher_001", "teacher_002"]
+    assert [t["accuracy"] for t in metrics["by_teacher"].values()] == accs
+    assert all(t["epochs"] == 2 and 1 <= t["best_epoch"] <= 2 for t in metrics["by_teacher"].values())
+    table = (glyph_root / "results" / "pretrain" / "teachers.md").read_text().splitlines()
+    row = next(line for line in table if line.startswith("| teacher_002 "))
+    assert "| 7–11 |" in row and f"| {accs[2]:.1f}" in row and "class_07, class_08" in row
+    assert "Failed" not in "\n".join(table)
 
 
 def test_random_pool(glyph_root: Path) -> None:
@@ -85,7 +99,7 @@ def test_random_pool(glyph_root: Path) -> None:
     specs = plan_pool(p, {"glyphs": 12})
     assert specs == plan_pool(p, {"glyphs": 12})  # seeded
     assert specs != plan_pool(p.replace(seed=1), {"glyphs": 12})
-    run(p, glyph_root, progress=False)
+    run(p, Project(glyph_root), progress=False)
     records = read_records(glyph_root / "models" / "teachers")
     assert [r.class_ids for r in records] == [s.class_ids for s in specs]
     assert len(records) == 4
@@ -108,7 +122,7 @@ def test_mixed_architectures(tmp_path: Path) -> None:
     make_dataset(tmp_path, "glyphs", classes=8, per_class=3)
     p = params(pre_backbone="mix", way_pretrain=2, average=False,
                pretrain={"epochs": 1, "batch_size": 8})
-    metrics = run(p, tmp_path, progress=False)
+    metrics = run(p, Project(tmp_path), progress=False)
     pool = load_pool(tmp_path / "models" / "teachers")
     assert [r.arch for r, _ in pool] == ["conv4", "resnet10", "resnet18", "conv4"]
     assert set(metrics["by_arch"]) == {"conv4", "resnet10", "resnet18"}
@@ -119,7 +133,7 @@ def test_pool_over_two_datasets(tmp_path: Path) -> None:
     make_dataset(tmp_path, "glyphs", classes=6, per_class=5)
     make_dataset(tmp_path, "cifar100", classes=4, per_class=5, seed=1)
     p = params(pool_datasets=["glyphs", "cifar100"], average=False, way_pretrain=3)
-    metrics = run(p, tmp_path, progress=False)
+    metrics = run(p, Project(tmp_path), progress=False)
     records = read_records(tmp_path / "models" / "teachers")
     assert [(r.dataset, r.class_ids) for r in records] == [
         ("glyphs", (0, 1, 2)), ("glyphs", (3, 4, 5)),
@@ -142,13 +156,13 @@ def test_saved_weights_are_the_best_epoch_not_the_live_ones(glyph_root: Path) ->
                 for t in model.state_dict().values():
                     t.zero_()
 
-    state, acc = train_teacher(spec, imageset, p, on_epoch=after_epoch)
-    assert len(history) == 4 and acc == max(history)
-    assert all(bool(t.any()) for k, t in state.items() if k.endswith("weight"))
+    trained = train_teacher(spec, imageset, p, on_epoch=after_epoch)
+    assert len(history) == 4 and trained.accuracy == max(history) == history[trained.best_epoch - 1]
+    assert all(bool(t.any()) for k, t in trained.state.items() if k.endswith("weight"))
     _, _, x_ho, y_ho = teacher_data(spec, imageset, p)
     model = build_backbone(spec.arch, len(spec.class_ids), 32)
-    model.load_state_dict(state)
-    assert heldout_accuracy(model, x_ho, y_ho) == acc
+    model.load_state_dict(trained.state)
+    assert heldout_accuracy(model, x_ho, y_ho) == trained.accuracy
 
 
 def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: Path,
@@ -158,15 +172,15 @@ def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: 
     for root in roots:
         (root / "data").mkdir(parents=True)
         (root / "data" / "glyphs").symlink_to(glyph_root / "data" / "glyphs")
-        run(p, root, progress=False)
+        run(p, Project(root), progress=False)
     files = [sorted((r / "models" / "teachers").iterdir()) for r in roots]
     assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) == 4
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*files, strict=True))
     # teacher 2 alone, in a process that trained nothing before, gives the pool's teacher 2
     imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
-    state, _ = train_teacher(plan_pool(p, {"glyphs": 12})[2], imageset, p)
+    state = train_teacher(plan_pool(p, {"glyphs": 12})[2], imageset, p).state
     pooled = load_pool(roots[0] / "models" / "teachers")[2][1].state_dict()
     assert all(torch.equal(v, pooled[k]) for k, v in state.items())
     # ... and another seed gives another teacher
-    other, _ = train_teacher(plan_pool(p.replace(seed=1), {"glyphs": 12})[2], imageset, p)
+    other = train_teacher(plan_pool(p.replace(seed=1), {"glyphs": 12})[2], imageset, p).state
     assert not torch.equal(other["head.weight"], pooled["head.weight"])

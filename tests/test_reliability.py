@@ -515,7 +515,7 @@ def test_import_manifest_pointing_outside_the_source_is_refused(tmp_path: Path) 
 # =========================================================================== runtime
 
 TINY: dict[str, Any] = {
-    "dataset": "glyphs", "seed": 0, "glyphs.images_per_class": 20, "pretrain.epochs": 1,
+    "dataset": "glyphs", "seed": 0, "glyphs.images_per_class": 20, "pretrain.epochs": 1, "pretrain.min_accuracy": 0.0,
     "pretrain.batch_size": 32, "way_train": 5, "num_sup_train": 1, "num_qur_train": 2,
     "synthesis_per_class": 3, "episode_train": 6, "episode_batch": 2, "inner_update_num": 1,
     "way_test": 5, "num_sup_test": 1, "num_qur_test": 2, "episode_test": 4, "test_inner_update_num": 1,

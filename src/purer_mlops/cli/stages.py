@@ -65,7 +65,7 @@ def pretrain(project: Project, params_path: Path | None, quiet: bool) -> None:
     params = load(project, params_path)
     ranks = setup()  # teachers split across ranks under torchrun
     try:
-        metrics = run(params, project.root, progress=not quiet, device=pick_device(params.device), ranks=ranks)
+        metrics = run(params, project, progress=not quiet, device=pick_device(params.device), ranks=ranks)
         if ranks.is_main:
             echo_json(metrics)
     finally:

@@ -46,11 +46,16 @@ class GlyphsParams:
 
 @dataclass(frozen=True)
 class PretrainParams:
-    """Teacher pretraining (stage ``pretrain``)."""
+    """Teacher pretraining (stage ``pretrain``); docs/teachers.md compares the two recipes."""
 
-    epochs: int = knob(30, "training epochs per teacher; the epoch best on the held-out images is kept",
-                       PRETRAIN, ge=1)
-    batch_size: int = knob(64, "teacher training batch size", PRETRAIN, ge=1)
+    recipe: str = knob("purer-mlops", "`purer-mlops`: augmentation suited to the dataset + cosine schedule; "
+                       "`reference`: the authors' initialisation and step schedule, no augmentation", PRETRAIN,
+                       choices=("purer-mlops", "reference"))
+    steps: int = knob(300, "optimiser steps per teacher when `epochs` is 0 (small datasets get more epochs)",
+                      PRETRAIN, ge=1)
+    epochs: int = knob(0, "0: as many epochs as `steps` needs; else exactly this many (reference: 60); the "
+                       "epoch best on the held-out images is kept", PRETRAIN, ge=0)
+    batch_size: int = knob(64, "teacher training batch size (reference: 128)", PRETRAIN, ge=1)
     holdout: float = knob(0.2, "per-class fraction of a teacher's images held out to pick its best epoch",
                           PRETRAIN, gt=0.0, le=0.5)
     conv4_lr: float = knob(0.01, "Adam learning rate of conv4 teachers", PRETRAIN, gt=0.0)
@@ -58,6 +63,9 @@ class PretrainParams:
     momentum: float = knob(0.9, "SGD momentum of ResNet teachers", PRETRAIN, ge=0.0, le=1.0)
     weight_decay: float = knob(5e-4, "weight decay of teacher training", PRETRAIN, ge=0.0)
     grad_clip: float = knob(50.0, "gradient-norm clip of teacher training", PRETRAIN, gt=0.0)
+    min_accuracy: float = knob(50.0, "held-out accuracy (percent) every teacher must reach, else the stage "
+                               "fails with the per-teacher table (chance is 100 / `way_pretrain`)", PRETRAIN,
+                               ge=0.0, le=100.0)
 
 
 @dataclass(frozen=True)

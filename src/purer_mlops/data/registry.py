@@ -31,6 +31,12 @@ class DatasetInfo:
         image_size: side length (pixels) images are resized to when loaded.
         mean, std: per-channel normalisation constants (RGB, in [0, 1] units).
         raw: what the user puts under ``data/raw/`` (empty for generated data).
+        flip: a horizontal mirror image keeps its class (natural photos), so teacher pretraining
+            may flip; not for glyphs, whose mirror images are other characters or none.
+        crop_pad: pixels of padding around an image before a random crop back to
+            ``image_size`` during teacher pretraining (about 1/8 of the side).
+        recolour: colour carries no class information (glyphs are drawn in random colours),
+            so teacher pretraining may permute the RGB channels and invert the image.
     """
 
     name: str
@@ -38,19 +44,25 @@ class DatasetInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     raw: tuple[str, ...]
+    flip: bool = True
+    crop_pad: int = 4
+    recolour: bool = False
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "glyphs": DatasetInfo("glyphs", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ()),
+    "glyphs": DatasetInfo("glyphs", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (), flip=False, recolour=True),
     "cifar100": DatasetInfo(
         "cifar100", 32, CIFAR_MEAN, CIFAR_STD,
         ("data/raw/cifar100/ (the seed's folder)", "or data/raw/cifar-100-python.tar.gz"),
     ),
     "miniimagenet": DatasetInfo(
-        "miniimagenet", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/miniimagenet/ (the seed's folder)",)
+        "miniimagenet", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/miniimagenet/ (the seed's folder)",),
+        crop_pad=8,
     ),
-    "cub": DatasetInfo("cub", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/CUB_200_2011/images/",)),
+    "cub": DatasetInfo("cub", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/CUB_200_2011/images/",),
+                       crop_pad=8),
     "flower": DatasetInfo(
-        "flower", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/flower/jpg/", "data/raw/flower/imagelabels.mat")
+        "flower", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/flower/jpg/", "data/raw/flower/imagelabels.mat"),
+        crop_pad=8,
     ),
 }

@@ -2,21 +2,26 @@
 
 The meta_train classes of each dataset of ``params.teacher_datasets`` are cut into label
 sets of ``way_pretrain`` classes (:func:`plan_pool`), and one classifier is trained per set
-(:func:`train_teacher`), as in the PURER reference: per class 80 % train / 20 % held out,
-no augmentation, gradient-norm clipping, Adam for conv4 and SGD for ResNets, the epoch with
-the best held-out accuracy kept (a copy of it: the reference kept the live weights, i.e.
-the last epoch). Outputs: the pool at ``models/teachers/`` (see :mod:`..models.pool`) and
-``results/pretrain/metrics.json``.
+(:func:`train_teacher`): per class 80 % train / 20 % held out, a budget of optimiser steps
+(or a fixed epoch count), gradient-norm clipping, Adam for conv4 and SGD for ResNets, the
+initialisation, schedule and augmentation of ``pretrain.recipe`` (:mod:`.recipes`,
+:mod:`.augment`), and the epoch with the best held-out accuracy kept (a copy of it: the
+reference kept the live weights, i.e. the last epoch). Outputs: the pool at
+``models/teachers/`` (see :mod:`..models.pool`), ``results/pretrain/metrics.json`` and the
+per-teacher table ``results/pretrain/teachers.md`` (:mod:`.report`), whose quality check can
+fail the stage.
 
-Every teacher draws its initialisation and batch order from its own seed, derived from
-``params.seed`` and its index in the pool, so its weights do not depend on which other
-teachers were trained before it in the same process (teachers can be spread over workers).
+Every teacher draws its initialisation, batch order and augmentation from its own seed,
+derived from ``params.seed`` and its index in the pool, so its weights do not depend on which
+other teachers were trained before it in the same process (teachers can be spread over workers).
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +33,13 @@ from ..config import Params
 from ..data.dataset import ImageSet, class_view, load_split
 from ..distributed import SINGLE, Ranks
 from ..errors import UserError
-from ..fileio import write_json
+from ..fileio import write_json, write_text
 from ..models.backbones import build_backbone
 from ..models.pool import TeacherRecord, save_pool
+from ..paths import Project
+from .augment import Augmentation
+from .recipes import make_optimizer, make_schedule, reference_init
+from .report import TeacherRow, check_quality, format_table
 
 MIX_CYCLE = ("conv4", "resnet10", "resnet18")
 _EVAL_BATCH = 512
@@ -114,21 +123,21 @@ def plan_pool(params: Params, class_counts: dict[str, int]) -> list[TeacherSpec]
             for i, (dataset, ids) in enumerate(sets)]
 
 
-def _optimizer(arch: str, model: nn.Module, params: Params) -> torch.optim.Optimizer:
-    p = params.pretrain
-    if arch == "conv4":
-        return torch.optim.Adam(model.parameters(), lr=p.conv4_lr)
-    return torch.optim.SGD(model.parameters(), lr=p.resnet_lr, momentum=p.momentum,
-                           weight_decay=p.weight_decay)
-
-
 @torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy in percent, mean cross-entropy) of ``model``, put in eval mode, on x (N, 3, S, S), y (N,)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for xb, yb in zip(x.split(_EVAL_BATCH), y.split(_EVAL_BATCH), strict=True):
+        logits = model(xb)
+        correct += int((logits.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+    return 100.0 * correct / len(y), loss / len(y)
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Accuracy (percent) of ``model``, put in eval mode, on x (N, 3, S, S) with labels y (N,)."""
-    model.eval()
-    correct = sum(int((model(xb).argmax(1) == yb).sum())
-                  for xb, yb in zip(x.split(_EVAL_BATCH), y.split(_EVAL_BATCH), strict=True))
-    return 100.0 * correct / len(y)
+    return evaluate(model, x, y)[0]
 
 
 def teacher_data(spec: TeacherSpec, imageset: ImageSet, params: Params,
@@ -148,48 +157,94 @@ def teacher_data(spec: TeacherSpec, imageset: ImageSet, params: Params,
     return images(tr_i), tr_y.to(device), images(ho_i), ho_y.to(device)
 
 
-def train_teacher(spec: TeacherSpec, imageset: ImageSet, params: Params,
-                  device: str | torch.device = "cpu",
-                  on_epoch: Callable[[int, float, nn.Module], None] | None = None,
-                  ) -> tuple[dict[str, torch.Tensor], float]:
-    """Train one teacher on its classes of ``imageset`` (the meta_train split of ``spec.dataset``).
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimiser steps of one pass over ``n_train`` images: a last batch of one image is skipped."""
+    return max(1, n_train // batch_size + (n_train % batch_size >= 2))
 
-    Args:
-        on_epoch: called after each epoch with (epoch, held-out accuracy, live model).
 
-    Returns:
-        (state dict of the best held-out epoch, as CPU tensors; its held-out accuracy in percent).
+def epochs_for(params: Params, n_train: int) -> int:
+    """Epochs of a teacher with ``n_train`` training images: ``pretrain.epochs`` when set, else
+    enough whole epochs for ``pretrain.steps`` optimiser steps (fewer images, more epochs)."""
+    p = params.pretrain
+    return p.epochs or math.ceil(p.steps / steps_per_epoch(n_train, p.batch_size))
+
+
+@dataclass
+class TrainedTeacher:
+    """The outcome of :func:`train_teacher`.
+
+    Attributes:
+        state: state dict of the epoch best on the held-out images, as CPU tensors.
+        accuracy: its held-out accuracy, percent.
+        best_epoch: that epoch, counted from 1.
+        epochs: epochs trained.
+        steps: optimiser steps taken.
     """
-    x_tr, y_tr, x_ho, y_ho = teacher_data(spec, imageset, params, device)
+
+    state: dict[str, torch.Tensor]
+    accuracy: float
+    best_epoch: int
+    epochs: int
+    steps: int
+
+
+def _new_model(spec: TeacherSpec, image_size: int, recipe: str) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(spec.seed)
-        model = build_backbone(spec.arch, len(spec.class_ids), imageset.image_size)
-    model = model.to(device, memory_format=torch.channels_last)
-    opt = _optimizer(spec.arch, model, params)
+        model = build_backbone(spec.arch, len(spec.class_ids), image_size)
+        if recipe == "reference":
+            reference_init(model)
+    return model
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    # a copy: state_dict() returns views of the live tensors, which later epochs overwrite
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in model.state_dict().items()}
+
+
+def train_teacher(spec: TeacherSpec, imageset: ImageSet, params: Params,
+                  device: str | torch.device = "cpu",
+                  on_epoch: Callable[[int, float, nn.Module], None] | None = None) -> TrainedTeacher:
+    """Train one teacher on its classes of ``imageset`` (the meta_train split of ``spec.dataset``).
+
+    The kept epoch has the best held-out accuracy; among equals, the lowest held-out loss.
+
+    Args:
+        on_epoch: called after each epoch with (epoch from 0, held-out accuracy, live model).
+    """
+    p = params.pretrain
+    x_tr, y_tr, x_ho, y_ho = teacher_data(spec, imageset, params, device)
+    model = _new_model(spec, imageset.image_size, p.recipe).to(device, memory_format=torch.channels_last)
+    per_epoch = steps_per_epoch(len(y_tr), p.batch_size)
+    epochs = epochs_for(params, len(y_tr))
+    opt = make_optimizer(spec.arch, model, params)
+    schedule = make_schedule(p.recipe, opt, per_epoch, epochs)
+    augment = Augmentation.for_dataset(spec.dataset) if p.recipe == "purer-mlops" else None
+    source = augment.prepare(x_tr) if augment else x_tr
     gen = torch.Generator().manual_seed(spec.seed)
-    batch, clip = params.pretrain.batch_size, params.pretrain.grad_clip
-    best_acc, best_state = -1.0, None
-    for epoch in range(params.pretrain.epochs):
+    best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
+    steps = 0
+    for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(y_tr), generator=gen).to(device)
-        for idx in order.split(batch):
+        for idx in torch.randperm(len(y_tr), generator=gen).to(device).split(p.batch_size):
             if len(idx) < 2:  # BatchNorm cannot train on one image at 1×1 resolution
                 continue
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            x = augment.batch(source, idx, imageset.image_size, gen) if augment else x_tr[idx]
+            loss = F.cross_entropy(model(x), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
+            nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
             opt.step()
-        acc = accuracy(model, x_ho, y_ho)
-        if acc > best_acc:
-            # a copy: state_dict() returns views of the live tensors, which later epochs overwrite
-            best_acc = acc
-            best_state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-                          for k, v in model.state_dict().items()}
+            schedule.step()
+            steps += 1
+        acc, held_loss = evaluate(model, x_ho, y_ho)
+        if best is None or (acc, -held_loss) > best[0]:
+            best = ((acc, -held_loss), epoch + 1, _cpu_copy(model))
         if on_epoch is not None:
             on_epoch(epoch, acc, model)
-    assert best_state is not None  # epochs >= 1 is validated by the config
-    return best_state, best_acc
+    assert best is not None  # epochs >= 1: steps >= 1 and epochs >= 0 are validated by the config
+    return TrainedTeacher(state=best[2], accuracy=best[0][0], best_epoch=best[1], epochs=epochs, steps=steps)
 
 
 def _summary(accs: list[float]) -> dict:
@@ -197,56 +252,91 @@ def _summary(accs: list[float]) -> dict:
             "acc_max": max(accs)}
 
 
-def run(params: Params, root: Path, progress: bool = True,
-        device: str | torch.device = "cpu", ranks: Ranks = SINGLE) -> dict:
-    """Train the pool into ``root/models/teachers``; write ``root/results/pretrain/metrics.json``.
+def pool_metrics(rows: list[TeacherRow]) -> dict:
+    """Held-out accuracy mean/min/max overall, ``by_arch``, ``by_dataset``, and ``by_teacher``."""
+    metrics = _summary([r.accuracy for r in rows])
+    for key in ("arch", "dataset"):
+        groups: dict[str, list[float]] = {}
+        for r in rows:
+            groups.setdefault(getattr(r, key), []).append(r.accuracy)
+        metrics[f"by_{key}"] = {k: _summary(v) for k, v in groups.items()}
+    metrics["by_teacher"] = {r.name: r.metrics() for r in rows}
+    return metrics
 
-    Returns the metrics: teacher count and held-out accuracy (percent) mean/min/max, overall,
-    ``by_arch`` and ``by_dataset``, and ``wall_seconds`` of the whole stage. Under ``torchrun``
-    rank r trains teachers r, r + N, ... (they are independent and seeded by their index, so
-    the pool is the one a single process trains); rank 0 gathers and writes them.
-    """
+
+def _reported(pairs: Iterable[tuple[TeacherRow, TeacherRecord, dict[str, torch.Tensor]]], rows: list[TeacherRow],
+              min_accuracy: float, results: Path) -> Iterator[tuple[TeacherRecord, dict[str, torch.Tensor]]]:
+    """Pass the pool on to :func:`save_pool`, collecting its rows in ``rows``; once every teacher
+    is through, print and write the table and apply the quality check. Raising here, inside the
+    stream, makes ``save_pool`` drop the new folder and keep the previous pool."""
+    for row, record, state in pairs:
+        rows.append(row)
+        yield record, state
+    table = results / "teachers.md"
+    print(format_table(rows, min_accuracy, names=False), file=sys.stderr, end="")
+    low = any(r.accuracy < min_accuracy for r in rows)
+    note = ("\n**Failed:** teachers below pretrain.min_accuracy; models/teachers/ was not replaced.\n"
+            if low else "")
+    write_text(table, "# Teacher pool\n\n" + format_table(rows, min_accuracy) + note)
+    check_quality(rows, min_accuracy, str(Path("results") / "pretrain" / table.name))
+
+
+def _described(spec: TeacherSpec, imageset: ImageSet, t: TrainedTeacher
+               ) -> tuple[TeacherRow, TeacherRecord, dict[str, torch.Tensor]]:
+    """The table row, the pool record and the weights of one trained teacher."""
+    classes = tuple(imageset.classes[c] for c in spec.class_ids)
+    record = TeacherRecord(arch=spec.arch, dataset=spec.dataset, image_size=imageset.image_size,
+                           mean=imageset.mean, std=imageset.std, classes=classes,
+                           class_ids=spec.class_ids, accuracy=t.accuracy)
+    row = TeacherRow(name=f"teacher_{spec.index:03d}", arch=spec.arch, dataset=spec.dataset,
+                     class_ids=spec.class_ids, classes=classes, accuracy=t.accuracy,
+                     best_epoch=t.best_epoch, epochs=t.epochs, steps=t.steps)
+    return row, record, t.state
+
+
+def _trained(specs: list[TeacherSpec], sets: dict[str, ImageSet], params: Params, device: str | torch.device,
+             progress: bool) -> Iterator[tuple[TeacherSpec, TrainedTeacher]]:
+    """Train ``specs`` one after another, with a progress bar of the pool's worst accuracy so far."""
     from tqdm import tqdm
 
-    root = Path(root)
+    worst = 100.0
+    bar = tqdm(specs, desc="pretrain teachers", unit="teacher", disable=not progress)
+    for spec in bar:
+        result = train_teacher(spec, sets[spec.dataset], params, device)
+        worst = min(worst, result.accuracy)
+        bar.set_postfix(best_acc=f"{result.accuracy:.1f}", pool_min=f"{worst:.1f}")
+        yield spec, result
+
+
+def run(params: Params, project: Project, progress: bool = True,
+        device: str | torch.device = "cpu", ranks: Ranks = SINGLE) -> dict:
+    """Train the pool into ``models/teachers``; write ``results/pretrain/metrics.json``
+    and the table ``teachers.md`` beside it (also printed to stderr).
+
+    Returns the metrics of :func:`pool_metrics` and ``wall_seconds`` of the whole stage. A
+    teacher below ``pretrain.min_accuracy`` raises a :class:`UserError` after the table is
+    written; the previous pool and metrics stay. Under ``torchrun`` rank r trains teachers
+    r, r + N, ... (they are independent and seeded by their index, so the pool is the one a
+    single process trains); rank 0 gathers and writes them.
+    """
     start = time.perf_counter()
-    sets = {d: load_split(d, root / "data" / d, "meta_train", progress=progress)
-            for d in params.teacher_datasets}
+    sets = {d: load_split(d, project.dataset(d), "meta_train", progress=progress) for d in params.teacher_datasets}
     specs = plan_pool(params, {d: len(s.classes) for d, s in sets.items()})
-
-    def record(spec: TeacherSpec, acc: float) -> TeacherRecord:
-        imageset = sets[spec.dataset]
-        return TeacherRecord(arch=spec.arch, dataset=spec.dataset, image_size=imageset.image_size,
-                             mean=imageset.mean, std=imageset.std,
-                             classes=tuple(imageset.classes[c] for c in spec.class_ids),
-                             class_ids=spec.class_ids, accuracy=acc)
-
-    def trained(mine: list[TeacherSpec]) -> Iterator[tuple[TeacherSpec, dict[str, torch.Tensor], float]]:
-        worst = 100.0
-        bar = tqdm(mine, desc="pretrain teachers", unit="teacher", disable=not (progress and ranks.is_main))
-        for spec in bar:
-            state, acc = train_teacher(spec, sets[spec.dataset], params, device)
-            worst = min(worst, acc)
-            bar.set_postfix(best_acc=f"{acc:.1f}", pool_min=f"{worst:.1f}")
-            yield spec, state, acc
-
+    show = progress and ranks.is_main
     if ranks.active:
-        local = {s.index: (state, acc) for s, state, acc in
-                 trained([s for i, s in enumerate(specs) if i % ranks.world == ranks.rank])}
+        mine = [s for i, s in enumerate(specs) if i % ranks.world == ranks.rank]
+        local = {s.index: t for s, t in _trained(mine, sets, params, device, show)}
         done = {k: v for part in ranks.gather(local) for k, v in part.items()}
         if not ranks.is_main:
             return {}
-        pairs = ((record(s, done[s.index][1]), done[s.index][0]) for s in specs)
+        triples = (_described(s, sets[s.dataset], done[s.index]) for s in specs)
     else:
         # one process: save_pool writes each teacher as soon as it is trained (one in memory)
-        pairs = ((record(s, acc), state) for s, state, acc in trained(specs))
-    records = save_pool(root / "models" / "teachers", pairs)
-    metrics = _summary([r.accuracy for r in records])
-    for key in ("arch", "dataset"):
-        groups: dict[str, list[float]] = {}
-        for r in records:
-            groups.setdefault(getattr(r, key), []).append(r.accuracy)
-        metrics[f"by_{key}"] = {k: _summary(v) for k, v in groups.items()}
+        triples = (_described(s, sets[s.dataset], t) for s, t in _trained(specs, sets, params, device, show))
+    results = project.results("pretrain")
+    rows: list[TeacherRow] = []
+    save_pool(project.teachers, _reported(triples, rows, params.pretrain.min_accuracy, results))
+    metrics = pool_metrics(rows)
     metrics["wall_seconds"] = time.perf_counter() - start
-    write_json(root / "results" / "pretrain" / "metrics.json", metrics)
+    write_json(results / "metrics.json", metrics)
     return metrics
