@@ -15,6 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from purer_mlops.config import InversionParams
+from purer_mlops.data.registry import DatasetInfo
 from purer_mlops.meta.inversion import TERMS, InversionLoss, Teacher, jitter, total_variation
 from purer_mlops.models.backbones import batchnorm_layers, build_backbone, capture_bn_inputs
 
@@ -40,7 +42,8 @@ def bank(classes: int, per_class: int, size: int = 16, seed: int = 1) -> torch.T
 
 
 def loss_fn(teachers, size: int = 16, batched: bool = True, a_bn: float = 0.01) -> InversionLoss:
-    return InversionLoss(teachers, MEAN, STD, size, a_bn=a_bn, a_tv=1e-4, a_l2=1e-5, batched=batched)
+    space = DatasetInfo("bank", image_size=size, mean=MEAN, std=STD, raw=())
+    return InversionLoss(teachers, space, InversionParams(bn=a_bn, tv=1e-4, l2=1e-5), batched=batched)
 
 
 def values(out: dict[str, torch.Tensor]) -> dict[str, float]:
