@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,11 +30,11 @@ METATRAIN = "tags.`purer.stage` = 'metatrain'"
 def repo(tmp_path_factory) -> dict:
     """The clone after `dvc repro` (committed) and `dvc exp run -S adv_scale=0.5`."""
     root = make_dvc_repo(tmp_path_factory.mktemp("exp") / "repo", CLONE_TINY)
-    run_dvc(root, "repro", check=True)
+    repro = run_dvc(root, "repro", check=True)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "baseline")
     exp = run_dvc(root, "exp", "run", "-S", "adv_scale=0.5", check=True)
-    return {"root": root, "exp_out": exp.stdout, "exp_err": exp.stderr}
+    return {"root": root, "repro_err": repro.stderr, "exp_out": exp.stdout, "exp_err": exp.stderr}
 
 
 def client_for(root: Path):
@@ -84,6 +85,22 @@ def test_repro_and_a_sweep_are_two_complete_runs_in_one_store(repo):
 def test_a_default_experiment_run_warns_about_nothing(repo):
     # compare/dvc.yaml's models/compare, cached but never produced, made every run warn
     assert "WARNING" not in repo["exp_err"], repo["exp_err"]
+
+
+# tqdm's line: "<desc>: 100%|████| 4/4 [00:01<00:00,  3.21it/s, loss=…]" — count, elapsed<ETA, rate.
+PROGRESS = r"{}: +\d+%\|.*\| *\d+/\d+ \[\d+:\d+<\d+:\d+, +[\d.]+ ?(\w+/s|s/\w+)[,\]]"
+
+
+@pytest.mark.parametrize("bar", ["Glyph-FS classes", "filelist glyphs", "pretrain teachers",
+                                 "metatrain", "tasks"])
+def test_every_stage_shows_progress_under_dvc_repro(repo, bar):
+    assert re.search(PROGRESS.format(re.escape(bar)), repo["repro_err"]), repo["repro_err"][-3000:]
+
+
+@pytest.mark.parametrize("command", [("metrics", "show"), ("exp", "show"), ("plots", "show")])
+def test_dvc_shows_a_default_run_without_warnings(repo, command):
+    proc = run_dvc(repo["root"], *command, check=True)
+    assert "WARNING" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_exp_show_has_the_metrics_and_plots_show_renders(repo):

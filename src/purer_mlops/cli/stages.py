@@ -36,8 +36,9 @@ def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: st
 @click.command()
 @ROOT
 @PARAMS
+@QUIET
 @click.option("--dataset", default=None, help="Write the filelists of this dataset instead.")
-def filelist(project: Project, params_path: Path | None, dataset: str | None) -> None:
+def filelist(project: Project, params_path: Path | None, quiet: bool, dataset: str | None) -> None:
     """Write the filelists data/<dataset>/split/{meta_train,meta_val,meta_test}.csv.
 
     Reads data/<dataset>/meta_*/ and param `dataset`. Rows `filename,label` are sorted;
@@ -45,7 +46,7 @@ def filelist(project: Project, params_path: Path | None, dataset: str | None) ->
     """
     from ..data.stages import filelist as run
 
-    echo_json(run(load(project, params_path), project, dataset))
+    echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
 
 
 @click.command()

@@ -11,6 +11,8 @@ import csv
 import io
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..errors import UserError
 from ..fileio import OutputFolder, atomic_dir
 from .registry import IMAGE_SUFFIXES, SPLITS
@@ -41,9 +43,10 @@ def list_split(root: Path, split: str) -> list[tuple[str, str]]:
     return rows
 
 
-def write_filelists(root: Path) -> dict[str, dict[str, int]]:
+def write_filelists(root: Path, progress: bool = False) -> dict[str, dict[str, int]]:
     """Write ``root/split/<split>.csv`` for the three splits; returns class and image counts."""
-    tables = {split: list_split(root, split) for split in SPLITS}
+    splits = tqdm(SPLITS, desc=f"filelist {root.name}", unit="split", disable=not progress)
+    tables = {split: list_split(root, split) for split in splits}
     with atomic_dir(root / "split", SPLIT_FOLDER) as tmp:
         for split, rows in tables.items():
             buf = io.StringIO()

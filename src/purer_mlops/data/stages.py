@@ -21,9 +21,9 @@ def prepare(params: Params, project: Project, dataset: str | None = None, progre
     return summary
 
 
-def filelist(params: Params, project: Project, dataset: str | None = None) -> dict:
+def filelist(params: Params, project: Project, dataset: str | None = None, progress: bool = False) -> dict:
     """Write ``data/<dataset>/split/{meta_train,meta_val,meta_test}.csv`` and a summary JSON."""
     name = dataset or params.dataset
-    counts = write_filelists(project.dataset(name))
+    counts = write_filelists(project.dataset(name), progress)
     write_json(project.results("data") / f"{name}.json", counts)
     return counts
