@@ -40,18 +40,18 @@ def csv_text(columns: dict[str, list]) -> str:
                    "[default: ./params.yaml if present, else the declared defaults].")
 @click.option("--batch-size", type=click.IntRange(min=0), default=0, show_default=True,
               help="Query images per batch; 0: the card's query_batch (a meta-test query set's size).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @QUIET
 def adapt(support: Path, query: Path, model: Path, out: Path, icfil: bool, params_path: Path | None,
-          batch_size: int, device: str, quiet: bool) -> None:
+          batch_size: int, quiet: bool) -> None:
     """Adapt the meta-model to SUPPORT and label the images of QUERY.
 
     \b
     SUPPORT/<class>/<image>: a few labelled images per class (2 classes or more).
     QUERY/<image> or QUERY/<class>/<image> (then the accuracy is reported too).
     Images of any size and mode Pillow reads are decoded and normalised as the meta-model's
-    dataset was; adaptation is meta-testing's (the card's inner loop). Writes OUT (one row per
-    query image) and prints a summary; bad input stops with one line, exit 2, nothing written.
+    dataset was; adaptation is meta-testing's (the card's inner loop), on CUDA when present
+    (CUDA_VISIBLE_DEVICES= for the CPU). Writes OUT (one row per query image) and prints a
+    summary; bad input stops with one line, exit 2, nothing written.
     """
     from ..config import from_dict, load_params
     from ..distributed import pick_device
@@ -61,7 +61,7 @@ def adapt(support: Path, query: Path, model: Path, out: Path, icfil: bool, param
 
     task = read_task(support, query)
     stem = model.with_suffix("") if model.suffix in (".safetensors", ".json") else model
-    meta = load_meta_model(stem, pick_device(device))
+    meta = load_meta_model(stem, pick_device("auto"))
     settings = None
     if icfil:
         path = params_path or Path("params.yaml")
