@@ -18,56 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import copy_project, one_error_line, run_purer, tiny_raw, write_yaml
+from conftest import QUERY, adapt_params, lay_out_task, one_error_line, run_purer
 from PIL import Image
 
-from purer_mlops.config import from_dict
-from purer_mlops.meta import metatest, train
+from purer_mlops.meta import metatest
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.paths import Project
-
-QUERY = 15
-
-
-def adapt_raw(**changes) -> dict:
-    """Tiny meta-training whose meta-test tasks are 5-way with 15 queries per class."""
-    return tiny_raw(num_qur_test=QUERY, test_inner_update_num=2, **changes)
-
-
-def adapt_params(**changes):
-    return from_dict(adapt_raw(**changes))
-
-
-@pytest.fixture(scope="module")
-def trained(pool_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project with a tiny meta-trained MAML model in models/meta/ (tracking off)."""
-    root = copy_project(pool_project, tmp_path_factory.mktemp("adapt") / "project")
-    write_yaml(root, adapt_raw())
-    train.run(adapt_params(), Project(root), progress=False)
-    return root
-
-
-def lay_out_task(test, task, folder: Path) -> tuple[Path, Path]:
-    """The task as folders: support/<k>_<class>/<i>_<file>, query/<k>_<class>/<j>_<file>, named so
-    that sorting gives the task's class order (label k) and its image order."""
-    classes, support, query = task
-    paths = [Path(p) for p, _ in _filelist(test)]
-    for k, c in enumerate(classes.tolist()):
-        name = f"{k}_{test.classes[c]}"
-        for role, indices in (("support", support[k]), ("query", query[k])):
-            dest = folder / role / name
-            dest.mkdir(parents=True)
-            for i, index in enumerate(indices.tolist()):
-                shutil.copy(paths[index], dest / f"{i:02d}_{paths[index].name}")
-    return folder / "support", folder / "query"
-
-
-def _filelist(test):
-    from purer_mlops.data.filelist import read_filelist
-
-    return read_filelist(test.source.parent.parent, "meta_test")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -76,17 +34,17 @@ def read_rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("shot", [1, 5])
-def test_adapt_gives_the_metatest_predictions_and_accuracy(trained: Path, tmp_path: Path, shot: int) -> None:
+def test_adapt_gives_the_metatest_predictions_and_accuracy(adapt_project: Path, tmp_path: Path, shot: int) -> None:
     params = adapt_params(num_sup_test=shot, episode_test=1)
-    test, tasks = metatest.fixed_test_tasks(params, Project(trained), shot)
+    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project), shot)
     support, query = lay_out_task(test, tasks[0], tmp_path)
 
-    out = run_purer(trained, "adapt", str(support), str(query), "--out", str(tmp_path / "p.csv"), "--quiet")
+    out = run_purer(adapt_project, "adapt", str(support), str(query), "--out", str(tmp_path / "p.csv"), "--quiet")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     rows = read_rows(tmp_path / "p.csv")
 
-    model, _ = load_model(Project(trained).meta.best)
+    model, _ = load_model(Project(adapt_project).meta.best)
     expected_acc = metatest.score(params, model, test, tasks)  # the metatest code path, one task
     learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr)
     xs, ys, xq, yq = stack_tasks(test, tasks, torch.device("cpu")).task(0)
@@ -101,16 +59,16 @@ def test_adapt_gives_the_metatest_predictions_and_accuracy(trained: Path, tmp_pa
     assert summary["accuracy"] == pytest.approx(100.0 * expected_acc.item(), abs=1e-4)  # float32 there
 
 
-def test_a_flat_query_in_small_batches_gets_one_row_per_image(trained: Path, tmp_path: Path) -> None:
+def test_a_flat_query_in_small_batches_gets_one_row_per_image(adapt_project: Path, tmp_path: Path) -> None:
     params = adapt_params(episode_test=1)
-    test, tasks = metatest.fixed_test_tasks(params, Project(trained))
+    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project))
     support, query = lay_out_task(test, tasks[0], tmp_path / "task")
     flat = tmp_path / "flat"
     flat.mkdir()
     for path in query.rglob("*.png"):
         shutil.copy(path, flat / f"{path.parent.name}-{path.name}")
     (flat / "notes.txt").write_text("not an image: skipped")
-    out = run_purer(trained, "adapt", str(support), str(flat), "--batch-size", "8", "--quiet", "--out",
+    out = run_purer(adapt_project, "adapt", str(support), str(flat), "--batch-size", "8", "--quiet", "--out",
                     str(tmp_path / "p.csv"))
     assert out.returncode == 0, out.stderr
     rows = read_rows(tmp_path / "p.csv")
@@ -159,14 +117,14 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_exit_2_and_nothing_written(trained: Path, tmp_path: Path, case: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_nothing_written(adapt_project: Path, tmp_path: Path, case: str) -> None:
     support, query = good_task(tmp_path)
     models = tmp_path / "models"
-    shutil.copytree(Project(trained).meta.folder, models, ignore=shutil.ignore_patterns("history", "last*"))
+    shutil.copytree(Project(adapt_project).meta.folder, models, ignore=shutil.ignore_patterns("history", "last*"))
     spoil, words = BAD[case]
     spoil(support, query, models)
     out_file = tmp_path / "p.csv"
-    proc = run_purer(trained, "adapt", str(support), str(query), "--model", str(models / "best"), "--out",
+    proc = run_purer(adapt_project, "adapt", str(support), str(query), "--model", str(models / "best"), "--out",
                      str(out_file), "--quiet")
     one_error_line(proc, *words)
     assert not out_file.exists()

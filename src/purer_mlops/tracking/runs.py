@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..paths import Project
+from .inputs import log_inputs
 from .outputs import READS_META_MODEL, meta_model_file, sha256
 from .store import TrackingError, check_server, open_experiment, root_cause, store_root, tracking_uri
 from .tracker import (
@@ -72,12 +73,29 @@ def _parent_run(client: Any, experiment_id: str, root: Path, commit: str | None)
     return None
 
 
+def _log_inputs(tracker: MlflowTracker, params: Any, stage: str) -> None:
+    """The run's params, ``params.yaml`` and ``dvc.lock`` as artifacts (writing them proves the
+    artifact store is writable), its dataset inputs with their DVC hashes; the system metrics
+    monitor when ``tracking_system_metrics`` asks for it."""
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)) for k, v in params.flat().items()]
+    for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
+        tracker.client.log_batch(tracker.run_id, params=flat[i:i + 100])
+    project = Project(tracker.root)
+    for path in (project.params_file, project.dvc_lock):
+        if path.is_file():
+            tracker.log_artifact(path)
+    log_inputs(tracker.client, tracker.run_id, project, params, stage)
+    if params.tracking_system_metrics:
+        tracker.monitor_system()
+
+
 def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
     """Open the store, the experiment and a new run, logging params and inputs: any failure is
     a :class:`TrackingError` raised before the stage does any work."""
     uri = tracking_uri(root)
     from mlflow import MlflowClient
-    from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -108,13 +126,7 @@ def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
         run = client.create_run(experiment_id, run_name=run_name(params, stage),
                                 tags={k: str(v) for k, v in tags.items() if v})
         tracker = MlflowTracker(client, run.info.run_id, root)
-        flat = [Param(k, str(v)) for k, v in params.flat().items()]
-        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
-            client.log_batch(tracker.run_id, params=flat[i:i + 100])
-        # Writing the inputs now also proves the artifact store is writable.
-        for path in (Project(root).params_file, Project(root).dvc_lock):
-            if path.is_file():
-                tracker.log_artifact(path)
+        _log_inputs(tracker, params, stage)
     except (MlflowException, SQLAlchemyError, OSError) as err:
         raise TrackingError(
             f"cannot log to the MLflow store {uri}: {root_cause(err)}. Fix the store or its folder, unset "

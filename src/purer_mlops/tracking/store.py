@@ -11,6 +11,9 @@ from urllib.request import url2pathname
 
 from ..errors import UserError
 
+# MLflow 3's UI opens an experiment by its kind: model training (runs, metrics, models), not GenAI.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
 
 class TrackingError(UserError):
     """The tracking store cannot be reached or written: the stage stops before it starts."""
@@ -89,7 +92,7 @@ def open_experiment(client: Any, name: str, artifact_location: str | None) -> st
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             # Another queue worker created it in between.
             experiment = client.get_experiment_by_name(name)
@@ -103,6 +106,9 @@ def open_experiment(client: Any, name: str, artifact_location: str | None) -> st
     if artifact_location is not None:
         _check_artifact_location(name, experiment.artifact_location, artifact_location,
                                  "MLFLOW_TRACKING_URI" not in os.environ)
+    for key, value in EXPERIMENT_TAGS.items():  # experiments created before the tag existed
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 

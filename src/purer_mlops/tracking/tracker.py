@@ -32,6 +32,10 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Attach tags to the run."""
 
+    def log_model(self, stem: Path, metrics: dict) -> None:
+        """Log the meta-model ``<stem>.safetensors`` (+ card) as the run's MLflow model, linked to
+        ``metrics`` (the stage's final metrics) at its selected iteration."""
+
     @contextmanager
     def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
         """A run nested under this one; a no-op tracker here."""
@@ -54,6 +58,14 @@ class MlflowTracker(Tracker):
         self.client = client
         self.run_id = run_id
         self.root = root
+        self.monitor: Any = None
+
+    def monitor_system(self) -> None:
+        """Log CPU, memory (and GPU, with pynvml) as system metrics until the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.client.tracking_uri)
+        self.monitor.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -84,6 +96,11 @@ class MlflowTracker(Tracker):
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_model(self, stem: Path, metrics: dict) -> None:
+        from .model import log_meta_model
+
+        log_meta_model(self.client, self.run_id, stem, metrics)
+
     def log_stage_outputs(self, stage: str) -> None:
         """Attach what ``stage`` left in the project (checkpoints, final metrics)."""
         project = Project(self.root)
@@ -109,6 +126,8 @@ class MlflowTracker(Tracker):
             yield child
 
     def end(self, status: str) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
         self.client.set_terminated(self.run_id, status)
 
 
