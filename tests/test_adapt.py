@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUERY, adapt_params, lay_out_task, one_error_line, run_purer
+from conftest import QUERY, adapt_params, adapt_raw, lay_out_task, one_error_line, run_purer, write_yaml
 from PIL import Image
 
 from purer_mlops.meta import metatest
 from purer_mlops.meta.checkpoint import load_model
+from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.paths import Project
@@ -57,6 +58,26 @@ def test_adapt_gives_the_metatest_predictions_and_accuracy(adapt_project: Path, 
     got = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in rows])
     assert torch.allclose(got, probs, atol=2e-6)
     assert summary["accuracy"] == pytest.approx(100.0 * expected_acc.item(), abs=1e-4)  # float32 there
+
+
+def test_adapt_with_icfil_gives_the_metatest_icfil_predictions(adapt_project: Path, tmp_path: Path) -> None:
+    params = adapt_params(episode_test=1, **{"calibration.inversion_steps": 2})
+    write_yaml(tmp_path, adapt_raw(**{"calibration.inversion_steps": 2}))
+    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project))
+    support, query = lay_out_task(test, tasks[0], tmp_path / "task")
+    out = run_purer(adapt_project, "adapt", str(support), str(query), "--icfil", "--params",
+                    str(tmp_path / "params.yaml"), "--out", str(tmp_path / "p.csv"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    model, _ = load_model(Project(adapt_project).meta.best)
+    learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr)
+    icfil = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed)
+    xs, ys, xq, _ = stack_tasks(test, tasks, torch.device("cpu")).task(0)
+    probs = icfil({k: v.detach() for k, v in model.named_parameters()}, xs, ys, xq, 5).softmax(1).detach()
+    names = sorted(p.name for p in support.iterdir())
+    rows = read_rows(tmp_path / "p.csv")
+    got = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    assert json.loads(out.stdout)["icfil"] is True
+    assert torch.allclose(got, probs, atol=2e-6)
 
 
 def test_a_flat_query_in_small_batches_gets_one_row_per_image(adapt_project: Path, tmp_path: Path) -> None:

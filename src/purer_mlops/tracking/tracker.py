@@ -97,9 +97,17 @@ class MlflowTracker(Tracker):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_model(self, stem: Path, metrics: dict) -> None:
-        from .model import log_meta_model
+        from mlflow.exceptions import MlflowException
 
-        log_meta_model(self.client, self.run_id, stem, metrics)
+        from .model import log_meta_model
+        from .store import TrackingError, root_cause
+
+        try:
+            log_meta_model(self.client, self.run_id, stem, metrics)
+        except (MlflowException, OSError) as err:
+            raise TrackingError(f"cannot log the meta-model {stem} to MLflow run {self.run_id}: {root_cause(err)}. "
+                                f"The model itself is saved in {stem.parent}; fix the store, or set tracking: "
+                                "false.") from err
 
     def log_stage_outputs(self, stage: str) -> None:
         """Attach what ``stage`` left in the project (checkpoints, final metrics)."""
