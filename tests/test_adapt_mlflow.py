@@ -175,6 +175,8 @@ def test_the_server_holds_model_metrics_datasets_and_child_runs(server_runs):
     linked = {m.key: m for m in model.metrics}
     assert linked["best_val_accuracy"].value == pytest.approx(metrics["best_val_accuracy"])
     assert linked["best_val_accuracy"].step == metrics["best_iteration"]
+    tested = json.loads((server_runs["root"] / "results" / "metatest" / "metrics.json").read_text())
+    assert linked["test_accuracy"].value == pytest.approx(tested["accuracy"])  # from the metatest run
     assert [(o.model_id, o.step) for o in train.outputs.model_outputs] == [(model.model_id, metrics["best_iteration"])]
 
     inputs = {d.dataset.name: d for d in train.inputs.dataset_inputs}

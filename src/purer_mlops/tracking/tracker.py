@@ -121,6 +121,10 @@ class MlflowTracker(Tracker):
         metrics = stage_metrics(project, stage)
         if metrics and metrics.is_file():
             self.log_metrics_file(metrics)
+        if stage == "metatest":
+            from .model import link_test_metrics
+
+            link_test_metrics(self.client, self.run_id, project.results("metatest") / "metrics.json")
 
     @contextmanager
     def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
