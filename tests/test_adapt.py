@@ -2,7 +2,9 @@
 
 - on a meta_test task of 5 classes, 1 and 5 shots, 15 queries per class, laid out as folders,
   the command gives exactly the predictions and the accuracy of the metatest code path;
-- a flat query folder in small batches: every image gets one row, probabilities sum to 1;
+- with ICFIL, the predictions of metatest's ICFIL on that task;
+- a flat query folder in small batches: every image gets one row, probabilities sum to 1, and
+  a progress bar counts the images on stderr;
 - each bad input (empty class folder, one class, more classes than the head, unreadable
   image, grey mixed with colour, a card that does not match the weights, a card without the
   test-time settings) stops with one line, exit 2, and no predictions file.
@@ -89,9 +91,10 @@ def test_a_flat_query_in_small_batches_gets_one_row_per_image(adapt_project: Pat
     for path in query.rglob("*.png"):
         shutil.copy(path, flat / f"{path.parent.name}-{path.name}")
     (flat / "notes.txt").write_text("not an image: skipped")
-    out = run_purer(adapt_project, "adapt", str(support), str(flat), "--batch-size", "8", "--quiet", "--out",
+    out = run_purer(adapt_project, "adapt", str(support), str(flat), "--batch-size", "8", "--out",
                     str(tmp_path / "p.csv"))
     assert out.returncode == 0, out.stderr
+    assert "queries" in out.stderr and "img/s" in out.stderr  # the progress bar (no --quiet)
     rows = read_rows(tmp_path / "p.csv")
     assert sorted(r["file"] for r in rows) == sorted(p.name for p in flat.glob("*.png"))
     assert "accuracy" not in json.loads(out.stdout) and "label" not in rows[0]
