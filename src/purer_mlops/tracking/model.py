@@ -10,6 +10,7 @@ lists it under "Logged models" and the model page shows its metrics.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 MODEL_NAME = "meta_model"
 MODEL_TYPE = "few-shot-classifier"
+PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def _requirements() -> list[str]:
@@ -37,7 +39,8 @@ def log_meta_model(client: Any, run_id: str, stem: Path, metrics: dict) -> str:
 
     import purer_mlops
 
-    from ..serve.pyfunc import ARTIFACT, STEM, MetaModelPyfunc, example_frame, signature
+    from ..serve import mlflow_model
+    from ..serve.pyfunc import ARTIFACT, STEM, example_frame, signature
 
     step = int(metrics.get("best_iteration", 0))
     previous = mlflow.get_tracking_uri()
@@ -49,15 +52,21 @@ def log_meta_model(client: Any, run_id: str, stem: Path, metrics: dict) -> str:
         # The fluent API is the one that logs a model into an existing run: point it at this
         # run's store for the call only.
         mlflow.set_tracking_uri(client.tracking_uri)
+        quiet = os.environ.get(PROGRESS_BARS)
+        os.environ[PROGRESS_BARS] = "false"  # MLflow's download bars, while it checks the input example
         try:
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
-                    name=MODEL_NAME, python_model=MetaModelPyfunc(), artifacts={ARTIFACT: str(folder)},
+                    name=MODEL_NAME, python_model=mlflow_model.__file__, artifacts={ARTIFACT: str(folder)},
                     code_paths=[str(Path(purer_mlops.__file__).parent)], signature=signature(),
                     input_example=example_frame(), pip_requirements=_requirements(), step=step,
                     model_type=MODEL_TYPE, tags={"purer.selected_on": "meta-val accuracy"})
         finally:
             mlflow.set_tracking_uri(previous)
+            if quiet is None:
+                os.environ.pop(PROGRESS_BARS, None)
+            else:
+                os.environ[PROGRESS_BARS] = quiet
     now = int(time.time() * 1000)
     linked = {k: float(metrics[k]) for k in ("best_val_accuracy", "final_val_accuracy") if k in metrics}
     client.log_batch(run_id, metrics=[Metric(k, v, now, step, model_id=info.model_id) for k, v in linked.items()])
