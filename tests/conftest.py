@@ -23,6 +23,7 @@ import yaml
 from purer_mlops.config import Params, from_dict
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import DATASETS
+from purer_mlops.meta import train
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import TeacherRecord, save_pool
 from purer_mlops.paths import Project
@@ -318,3 +319,45 @@ def copy_project(src: Path, dest: Path) -> Path:
     return dest
 
 
+# --------------------------------------------------------------------------- a meta-model to adapt
+
+QUERY = 15
+
+
+def adapt_raw(**changes) -> dict:
+    """Tiny meta-training whose meta-test tasks are 5-way with 15 queries per class."""
+    return tiny_raw(num_qur_test=QUERY, test_inner_update_num=2, **changes)
+
+
+def adapt_params(**changes):
+    return from_dict(adapt_raw(**changes))
+
+
+@pytest.fixture(scope="module")
+def adapt_project(pool_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project with a tiny meta-trained MAML model in models/meta/ (tracking off)."""
+    root = copy_project(pool_project, tmp_path_factory.mktemp("adapt") / "project")
+    write_yaml(root, adapt_raw())
+    train.run(adapt_params(), Project(root), progress=False)
+    return root
+
+
+def lay_out_task(test, task, folder: Path) -> tuple[Path, Path]:
+    """The task as folders: support/<k>_<class>/<i>_<file>, query/<k>_<class>/<j>_<file>, named so
+    that sorting gives the task's class order (label k) and its image order."""
+    classes, support, query = task
+    paths = [Path(p) for p, _ in _filelist(test)]
+    for k, c in enumerate(classes.tolist()):
+        name = f"{k}_{test.classes[c]}"
+        for role, indices in (("support", support[k]), ("query", query[k])):
+            dest = folder / role / name
+            dest.mkdir(parents=True)
+            for i, index in enumerate(indices.tolist()):
+                shutil.copy(paths[index], dest / f"{i:02d}_{paths[index].name}")
+    return folder / "support", folder / "query"
+
+
+def _filelist(test):
+    from purer_mlops.data.filelist import read_filelist
+
+    return read_filelist(test.source.parent.parent, "meta_test")  # .../glyphs/split/meta_test.csv

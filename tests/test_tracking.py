@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,38 @@ def test_scenario_follows_the_teacher_pool():
     assert scenario(from_dict({})) == "SS"
     assert scenario(from_dict({"pre_backbone": "mix", "average": False})) == "SH"
     assert scenario(from_dict({"pool_datasets": ["glyphs", "cifar100"], "average": False})) == "MH"
+
+
+def test_system_metrics_are_logged_only_when_asked(project, store, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(store))
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    logged = {}
+    for on in (False, True):
+        params = load_params(write_params(project, experiment_name="system", tracking_system_metrics=on))
+        with open_tracker(params, "metatest", project) as tracker:
+            time.sleep(1.5)
+        logged[on] = client_for(store).get_run(tracker.run_id).data.metrics
+    assert not any(k.startswith("system/") for k in logged[False])
+    assert "system/cpu_utilization_percentage" in logged[True]
+    assert "system/system_memory_usage_megabytes" in logged[True]
+
+
+def test_dataset_hashes_are_dvc_s_own(tmp_path):
+    from conftest import run_dvc
+
+    from purer_mlops.paths import Project
+    from purer_mlops.tracking.inputs import dvc_md5, recorded_md5
+
+    folder = tmp_path / "data" / "glyphs" / "meta_val"
+    for cls, n in (("a", 2), ("b", 1)):
+        (folder / cls).mkdir(parents=True)
+        for i in range(n):
+            png(folder / cls / f"{i}.png")
+    (folder / "b" / "notes.txt").write_text("any file counts")
+    run_dvc(tmp_path, "init", "--no-scm", check=True)
+    run_dvc(tmp_path, "add", "data/glyphs/meta_val", check=True)
+    recorded = recorded_md5(Project(tmp_path), folder)  # from data/glyphs/meta_val.dvc
+    assert recorded is not None and recorded.endswith(".dir")
+    assert dvc_md5(folder) == recorded
+    png(folder / "a" / "2.png")
+    assert dvc_md5(folder) != recorded

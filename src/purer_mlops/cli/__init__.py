@@ -19,9 +19,11 @@ from ..interrupts import treat_sigterm_as_ctrl_c
 from .options import cli
 from .stages import register as register_stages
 from .tools import register as register_tools
+from .use import register as register_use
 
 register_stages(cli)
 register_tools(cli)
+register_use(cli)
 
 
 def main() -> None:

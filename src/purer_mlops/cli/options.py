@@ -71,4 +71,8 @@ def cli() -> None:
       metatrain  models/meta/ (PURER meta-model), results/metatrain/
       metatest   results/metatest/
       compare    results/compare/ (baselines × shots table)
+
+    \b
+    Using the meta-model (docs/adapt.md):
+      adapt      SUPPORT/<class>/<image> + QUERY/ → predictions.csv
     """

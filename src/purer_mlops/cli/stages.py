@@ -97,7 +97,9 @@ def metatrain(project: Project, params_path: Path | None, quiet: bool, oracle: b
             run(params, project, oracle=oracle, progress=False, tracker=Tracker(), ranks=ranks)
             return
         with open_tracker(params, "metatrain", project.root) as tracker:
-            echo_json(run(params, project, oracle=oracle, progress=not quiet, tracker=tracker, ranks=ranks))
+            metrics = run(params, project, oracle=oracle, progress=not quiet, tracker=tracker, ranks=ranks)
+            tracker.log_model(project.meta.best, metrics)
+            echo_json(metrics)
     finally:
         teardown(ranks)
 

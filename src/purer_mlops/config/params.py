@@ -188,6 +188,8 @@ class Params:
     tracking: bool = knob(True, "log params, metrics and artifacts to MLflow", *TEST, group=RUNTIME,
                           bookkeeping=True)
     experiment_name: str = knob("purer", "MLflow experiment name", *TEST, group=RUNTIME, bookkeeping=True)
+    tracking_system_metrics: bool = knob(False, "also log CPU, memory (and GPU) use as MLflow system metrics, "
+                                         "sampled every 10 s", *TEST, group=RUNTIME, bookkeeping=True)
     # sections
     glyphs: GlyphsParams = section(GlyphsParams, DATA)
     pretrain: PretrainParams = section(PretrainParams, POOL)

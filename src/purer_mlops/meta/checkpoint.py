@@ -43,10 +43,20 @@ def fingerprint(params: Params, pool_dir: Path, oracle: bool) -> str:
 
 def model_card(params: Params, image_size: int, norm: tuple[tuple, tuple], oracle: bool,
                iteration: int, accuracy: float) -> dict:
-    """What a checkpoint needs to be rebuilt and used; ``norm`` is the dataset's (mean, std)."""
+    """What a checkpoint needs to be rebuilt and used; ``norm`` is the dataset's (mean, std).
+
+    ``preprocessing`` says how an image becomes the model's input (``data.dataset.decode_image``:
+    RGB, bilinear resize to ``image_size``, then (x/255 − mean)/std); ``adaptation`` is the
+    test-time inner loop (meta-val's, so meta-test's) and the query batch it was scored with
+    (BatchNorm uses batch statistics). `purer adapt` and the MLflow model read both; cards
+    written before them lack them and are refused there, not here.
+    """
     return {"backbone": params.backbone, "way": params.way_train, "image_size": image_size,
             "meta_learner": params.meta_learner, "dataset": params.dataset, "iteration": iteration,
-            "val_accuracy": accuracy, "mean": list(norm[0]), "std": list(norm[1]), "oracle": oracle}
+            "val_accuracy": accuracy, "mean": list(norm[0]), "std": list(norm[1]), "oracle": oracle,
+            "preprocessing": {"mode": "RGB", "resize": "bilinear"},
+            "adaptation": {"inner_steps": params.test_inner_update_num, "inner_lr": params.inner_lr,
+                           "query_batch": params.way_test * params.num_qur_test}}
 
 
 def save_model(model: Classifier, card: dict, stem: Path) -> None:

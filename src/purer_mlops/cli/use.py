@@ -1,0 +1,76 @@
+"""Using the meta-model: `purer adapt` adapts it to a user's few-shot task and labels the query."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import click
+
+from .options import QUIET, echo_json
+
+DEFAULT_MODEL = Path("models") / "meta" / "best"
+
+
+def register(cli: click.Group) -> None:
+    """Add the commands that use a trained meta-model to ``cli``."""
+    cli.add_command(adapt)
+
+
+def csv_text(columns: dict[str, list]) -> str:
+    """Equal-length columns as CSV text with a header row (file names may hold commas)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(zip(*columns.values(), strict=True))
+    return out.getvalue()
+
+
+@click.command()
+@click.argument("support", type=click.Path(path_type=Path))
+@click.argument("query", type=click.Path(path_type=Path))
+@click.option("--model", "model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True,
+              help="The meta-model: <MODEL>.safetensors and its card <MODEL>.json.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
+              show_default=True, help="The predictions CSV: file, (label), predicted, prob_<class>...")
+@click.option("--icfil", is_flag=True, help="Calibrate with ICFIL after the inner loop (knobs from --params).")
+@click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where --icfil reads calibration.*, inversion.tv/l2 and metatest.seed "
+                   "[default: ./params.yaml if present, else the declared defaults].")
+@click.option("--batch-size", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Query images per batch; 0: the card's query_batch (a meta-test query set's size).")
+@QUIET
+def adapt(support: Path, query: Path, model: Path, out: Path, icfil: bool, params_path: Path | None,
+          batch_size: int, quiet: bool) -> None:
+    """Adapt the meta-model to SUPPORT and label the images of QUERY.
+
+    \b
+    SUPPORT/<class>/<image>: a few labelled images per class (2 classes or more).
+    QUERY/<image> or QUERY/<class>/<image> (then the accuracy is reported too).
+    Images of any size and mode Pillow reads are decoded and normalised as the meta-model's
+    dataset was; adaptation is meta-testing's (the card's inner loop), on CUDA when present
+    (CUDA_VISIBLE_DEVICES= for the CPU). Writes OUT (one row per query image) and prints a
+    summary; bad input stops with one line, exit 2, nothing written.
+    """
+    from ..config import from_dict, load_params
+    from ..distributed import pick_device
+    from ..fileio import write_text
+    from ..serve.adapt import load_meta_model, predict
+    from ..serve.images import read_task
+
+    task = read_task(support, query)
+    stem = model.with_suffix("") if model.suffix in (".safetensors", ".json") else model
+    meta = load_meta_model(stem, pick_device("auto"))
+    settings = None
+    if icfil:
+        path = params_path or Path("params.yaml")
+        settings = load_params(path) if params_path or path.is_file() else from_dict({})
+    result = predict(meta, task, batch_size=batch_size, icfil=settings, progress=not quiet)
+    write_text(out, csv_text(result.table()))
+    summary = {"classes": task.classes, "support": len(task.support), "queries": len(task.query),
+               "meta_learner": meta.card["meta_learner"], "icfil": icfil, "predictions": str(out)}
+    accuracy = result.accuracy()
+    if accuracy is not None:
+        summary["accuracy"] = accuracy
+    echo_json(summary)

@@ -1,0 +1,148 @@
+"""Adapting the meta-model to a user's task and labelling its query images (`purer adapt`, the
+MLflow model).
+
+The adaptation is meta-testing's: the learner the model was meta-trained with
+(:func:`~purer_mlops.meta.learners.build_learner`) with the card's test-time inner loop, or
+:class:`~purer_mlops.meta.icfil.ICFIL` on top of it. The meta-model's BatchNorm normalises with
+the statistics of the batch it sees (as in meta-training and meta-testing), so queries go in
+batches the size of a meta-test query set (the card's ``query_batch``); with more queries than
+one batch holds they go in a seeded random order, so every batch mixes the classes as a
+meta-test query set does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import Params
+from ..errors import UserError
+from ..meta.checkpoint import load_model
+from ..meta.icfil import ICFIL
+from ..meta.learners import MetaLearner, build_learner
+from ..models.backbones import Classifier
+from .images import FewShotTask, check_modes, decode, support_set
+
+# Learners whose number of classes is fixed by a linear head.
+HEADED = ("maml", "anil")
+
+
+@dataclass
+class MetaModel:
+    """A meta-model ready to adapt: the network, its card and its meta-learner."""
+
+    model: Classifier
+    card: dict
+    learner: MetaLearner
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.named_parameters()}
+
+
+def load_meta_model(stem: Path, device: torch.device | str = "cpu") -> MetaModel:
+    """``<stem>.safetensors`` + ``<stem>.json``; a card without test-time settings is refused."""
+    model, card = load_model(stem, device)
+    adaptation = card.get("adaptation")
+    if not isinstance(adaptation, dict) or "preprocessing" not in card:
+        raise UserError(f"model card {stem.with_suffix('.json')} has no test-time adaptation or preprocessing "
+                        "settings (it was written before `purer adapt` existed): re-run `purer metatrain` "
+                        "(or `dvc repro metatrain`) to write a complete card.")
+    learner = build_learner(card["meta_learner"], model, adaptation["inner_steps"], adaptation["inner_lr"])
+    return MetaModel(model, card, learner)
+
+
+def check_way(card: dict, way: int) -> None:
+    """Refuse more classes than a MAML/ANIL head has outputs (ProtoNet takes any number)."""
+    if card["meta_learner"] in HEADED and way > card["way"]:
+        raise UserError(f"the support has {way} classes but the meta-model's head has {card['way']} outputs "
+                        f"({card['meta_learner']}): give at most {card['way']} classes, or meta-train with "
+                        f"way_train: {way}.")
+
+
+def task_predictor(meta: MetaModel, xs: torch.Tensor, ys: torch.Tensor, way: int, icfil: ICFIL | None
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """query images (Q, 3, S, S) → logits (Q, way) of the model adapted to the support xs, ys.
+
+    The learner adapts once; ICFIL and a learner with its own query rule (ProtoNet) are called
+    per batch, as meta-testing calls them per task (ICFIL is seeded: each batch gets the same
+    calibration).
+    """
+    learner, weights = meta.learner, meta.weights
+    if icfil is not None:
+        return lambda xq: icfil(weights, xs, ys, xq, way)[:, :way]
+    if type(learner).query_logits is not MetaLearner.query_logits:
+        return lambda xq: learner.query_logits(weights, xs, ys, xq, way)[:, :way]
+    with torch.no_grad():
+        adapted = learner.adapt(weights, xs, ys)
+    return lambda xq: learner.logits(adapted, xq)[:, :way]
+
+
+def batch_order(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Query indices in batches of at most ``size``: in order when one batch holds them all,
+    else a seeded permutation (each batch then mixes the classes)."""
+    if n <= size:
+        return [torch.arange(n)]
+    return list(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).split(size))
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-class probabilities (Q, way) of the query images, and the task they answer."""
+
+    task: FewShotTask
+    probabilities: torch.Tensor
+
+    @property
+    def predicted(self) -> list[int]:
+        return self.probabilities.argmax(1).tolist()
+
+    def accuracy(self) -> float | None:
+        """Percent of query images given their class; None when the query is unlabelled."""
+        labels = self.task.query_labels
+        if labels is None:
+            return None
+        return 100.0 * sum(p == y for p, y in zip(self.predicted, labels, strict=True)) / len(labels)
+
+    def table(self) -> dict[str, list]:
+        """Columns: file, (label), predicted, then one probability column per class."""
+        task = self.task
+        columns: dict[str, list] = {"file": [s.name for s in task.query]}
+        if task.query_labels is not None:
+            columns["label"] = [task.classes[y] for y in task.query_labels]
+        columns["predicted"] = [task.classes[p] for p in self.predicted]
+        for c, name in enumerate(task.classes):
+            columns[f"prob_{name}"] = [round(float(v), 6) for v in self.probabilities[:, c]]
+        return columns
+
+
+def predict(meta: MetaModel, task: FewShotTask, *, batch_size: int = 0, icfil: Params | None = None,
+            progress: bool = False) -> Predictions:
+    """Adapt ``meta`` to the task's support, then the probabilities of every query image.
+
+    ``batch_size`` 0 takes the card's ``query_batch``; ``icfil`` (the params holding the
+    ``calibration``, ``inversion`` and ``metatest.seed`` knobs) turns ICFIL on. Every image is
+    checked before any work: unreadable files, grey mixed with colour, too many classes.
+    """
+    check_way(meta.card, len(task.classes))
+    check_modes(task)
+    device = next(meta.model.parameters()).device
+    support = support_set(task, meta.card)
+    xs = support.normalize(support.images.to(device))
+    ys = support.labels.to(device)
+    way = len(task.classes)
+    calibrate = ICFIL(meta.learner, icfil.calibration, icfil.inversion, icfil.metatest.seed) if icfil else None
+    logits_of = task_predictor(meta, xs, ys, way, calibrate)
+    probabilities = torch.empty(len(task.query), way)
+    order = batch_order(len(task.query), batch_size or meta.card["adaptation"]["query_batch"])
+    with tqdm(total=len(task.query), desc="queries", unit="img", disable=not progress, leave=False) as bar:
+        for index in order:
+            xq = support.normalize(decode([task.query[i] for i in index], meta.card["image_size"]).to(device))
+            with torch.set_grad_enabled(calibrate is not None):
+                probabilities[index] = logits_of(xq).softmax(1).detach().cpu()
+            bar.update(len(index))
+    return Predictions(task, probabilities)

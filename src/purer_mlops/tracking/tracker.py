@@ -1,0 +1,157 @@
+"""The tracker stages log through: :class:`Tracker` (no-op, ``tracking: false``) and
+:class:`MlflowTracker` (one MLflow run, through an ``MlflowClient``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..paths import Project
+from .outputs import meta_model_file, sha256, stage_artifacts, stage_metrics
+
+
+class Tracker:
+    """Does nothing: the tracker of runs with tracking turned off."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record scalar metrics at a step."""
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """Record an image file as step ``step`` of the series ``key``."""
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        """Attach a file to the run."""
+
+    def log_metrics_file(self, path: Path) -> None:
+        """Record the numbers of a flat JSON metrics file (a stage's final metrics)."""
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Attach tags to the run."""
+
+    def log_model(self, stem: Path, metrics: dict) -> None:
+        """Log the meta-model ``<stem>.safetensors`` (+ card) as the run's MLflow model, linked to
+        ``metrics`` (the stage's final metrics) at its selected iteration."""
+
+    @contextmanager
+    def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
+        """A run nested under this one; a no-op tracker here."""
+        yield Tracker()
+
+
+TAG_STAGE = "purer.stage"
+TAG_MODEL = "purer.model_sha256"
+TAG_PARENT = "purer.parent_run"
+TAG_EXP = "dvc.exp_name"
+TAG_BASELINE = "dvc.baseline_rev"
+TAG_COMMIT = "mlflow.source.git.commit"  # the UI shows it as the run's source version
+MLFLOW_PARENT = "mlflow.parentRunId"  # nests the run under its parent in the UI
+
+
+class MlflowTracker(Tracker):
+    """Logs to one MLflow run through an ``MlflowClient`` (no global MLflow state)."""
+
+    def __init__(self, client: Any, run_id: str, root: Path) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.root = root
+        self.monitor: Any = None
+
+    def monitor_system(self) -> None:
+        """Log CPU, memory (and GPU, with pynvml) as system metrics until the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.client.tracking_uri)
+        self.monitor.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+            # One series per key: the UI's image view steps through it.
+            self.client.log_image(self.run_id, image, key=key, step=step)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_metrics_file(self, path: Path) -> None:
+        values = json.loads(Path(path).read_text())
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if numbers:
+            self.log_metrics(numbers)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_model(self, stem: Path, metrics: dict) -> None:
+        from mlflow.exceptions import MlflowException
+
+        from .model import log_meta_model
+        from .store import TrackingError, root_cause
+
+        try:
+            log_meta_model(self.client, self.run_id, stem, metrics)
+        except (MlflowException, OSError) as err:
+            raise TrackingError(f"cannot log the meta-model {stem} to MLflow run {self.run_id}: {root_cause(err)}. "
+                                f"The model itself is saved in {stem.parent}; fix the store, or set tracking: "
+                                "false.") from err
+
+    def log_stage_outputs(self, stage: str) -> None:
+        """Attach what ``stage`` left in the project (checkpoints, final metrics)."""
+        project = Project(self.root)
+        for folder, files in stage_artifacts(project, stage).items():
+            for path in files:
+                if path.is_file():
+                    self.log_artifact(path, folder)
+        if stage == "metatrain" and meta_model_file(project).is_file():
+            self.set_tags({TAG_MODEL: sha256(meta_model_file(project))})
+        metrics = stage_metrics(project, stage)
+        if metrics and metrics.is_file():
+            self.log_metrics_file(metrics)
+        if stage == "metatest":
+            from .model import link_test_metrics
+
+            link_test_metrics(self.client, self.run_id, project.results("metatest") / "metrics.json")
+
+    @contextmanager
+    def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
+        """A run nested under this one (one per method of the comparison table)."""
+        parent = self.client.get_run(self.run_id)
+        inherited = {k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}
+        run = self.client.create_run(parent.info.experiment_id, run_name=name, tags={
+            **inherited, **{k: str(v) for k, v in tags.items()}, MLFLOW_PARENT: self.run_id, TAG_PARENT: self.run_id})
+        child = MlflowTracker(self.client, run.info.run_id, self.root)
+        with ending(child):
+            yield child
+
+    def end(self, status: str) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+        self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def ending(tracker: MlflowTracker) -> Iterator[None]:
+    """End the tracker's run when the block does: FINISHED, KILLED on Ctrl-C, else FAILED."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)

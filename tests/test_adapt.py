@@ -1,0 +1,154 @@
+"""`purer adapt`: the meta-model adapted to a user's task from image folders.
+
+- on a meta_test task of 5 classes, 1 and 5 shots, 15 queries per class, laid out as folders,
+  the command gives exactly the predictions and the accuracy of the metatest code path;
+- with ICFIL, the predictions of metatest's ICFIL on that task;
+- a flat query folder in small batches: every image gets one row, probabilities sum to 1, and
+  a progress bar counts the images on stderr;
+- each bad input (empty class folder, one class, more classes than the head, unreadable
+  image, grey mixed with colour, a card that does not match the weights, a card without the
+  test-time settings) stops with one line, exit 2, and no predictions file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUERY, adapt_params, adapt_raw, lay_out_task, one_error_line, run_purer, write_yaml
+from PIL import Image
+
+from purer_mlops.meta import metatest
+from purer_mlops.meta.checkpoint import load_model
+from purer_mlops.meta.icfil import ICFIL
+from purer_mlops.meta.learners import build_learner
+from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.paths import Project
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_adapt_gives_the_metatest_predictions_and_accuracy(adapt_project: Path, tmp_path: Path, shot: int) -> None:
+    params = adapt_params(num_sup_test=shot, episode_test=1)
+    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project), shot)
+    support, query = lay_out_task(test, tasks[0], tmp_path)
+
+    out = run_purer(adapt_project, "adapt", str(support), str(query), "--out", str(tmp_path / "p.csv"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    rows = read_rows(tmp_path / "p.csv")
+
+    model, _ = load_model(Project(adapt_project).meta.best)
+    expected_acc = metatest.score(params, model, test, tasks)  # the metatest code path, one task
+    learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr)
+    xs, ys, xq, yq = stack_tasks(test, tasks, torch.device("cpu")).task(0)
+    with torch.no_grad():
+        probs = learner.query_logits({k: v.detach() for k, v in model.named_parameters()}, xs, ys, xq, 5).softmax(1)
+    names = sorted(p.name for p in support.iterdir())
+    assert len(rows) == 5 * QUERY and summary["queries"] == 5 * QUERY and summary["support"] == 5 * shot
+    assert [r["predicted"] for r in rows] == [names[i] for i in probs.argmax(1).tolist()]
+    assert [r["label"] for r in rows] == [names[i] for i in yq.tolist()]
+    got = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    assert torch.allclose(got, probs, atol=2e-6)
+    assert summary["accuracy"] == pytest.approx(100.0 * expected_acc.item(), abs=1e-4)  # float32 there
+
+
+def test_adapt_with_icfil_gives_the_metatest_icfil_predictions(adapt_project: Path, tmp_path: Path) -> None:
+    params = adapt_params(episode_test=1, **{"calibration.inversion_steps": 2})
+    write_yaml(tmp_path, adapt_raw(**{"calibration.inversion_steps": 2}))
+    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project))
+    support, query = lay_out_task(test, tasks[0], tmp_path / "task")
+    out = run_purer(adapt_project, "adapt", str(support), str(query), "--icfil", "--params",
+                    str(tmp_path / "params.yaml"), "--out", str(tmp_path / "p.csv"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    model, _ = load_model(Project(adapt_project).meta.best)
+    learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr)
+    icfil = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed)
+    xs, ys, xq, _ = stack_tasks(test, tasks, torch.device("cpu")).task(0)
+    probs = icfil({k: v.detach() for k, v in model.named_parameters()}, xs, ys, xq, 5).softmax(1).detach()
+    names = sorted(p.name for p in support.iterdir())
+    rows = read_rows(tmp_path / "p.csv")
+    got = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    assert json.loads(out.stdout)["icfil"] is True
+    assert torch.allclose(got, probs, atol=2e-6)
+
+
+def test_a_flat_query_in_small_batches_gets_one_row_per_image(adapt_project: Path, tmp_path: Path) -> None:
+    params = adapt_params(episode_test=1)
+    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project))
+    support, query = lay_out_task(test, tasks[0], tmp_path / "task")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in query.rglob("*.png"):
+        shutil.copy(path, flat / f"{path.parent.name}-{path.name}")
+    (flat / "notes.txt").write_text("not an image: skipped")
+    out = run_purer(adapt_project, "adapt", str(support), str(flat), "--batch-size", "8", "--out",
+                    str(tmp_path / "p.csv"))
+    assert out.returncode == 0, out.stderr
+    assert "queries" in out.stderr and "img/s" in out.stderr  # the progress bar (no --quiet)
+    rows = read_rows(tmp_path / "p.csv")
+    assert sorted(r["file"] for r in rows) == sorted(p.name for p in flat.glob("*.png"))
+    assert "accuracy" not in json.loads(out.stdout) and "label" not in rows[0]
+    probs = np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in rows])
+    assert probs.shape == (5 * QUERY, 5) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def image(path: Path, mode: str = "RGB", size: int = 20) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), 128, dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+def good_task(folder: Path, classes: int = 3) -> tuple[Path, Path]:
+    for c in range(classes):
+        image(folder / "support" / f"c{c}" / "a.png")
+        image(folder / "query" / f"q{c}.jpg", size=40)
+    return folder / "support", folder / "query"
+
+
+def break_card(card: Path, change: dict) -> None:
+    data = json.loads(card.read_text())
+    data.update(change)
+    for key in [k for k, v in change.items() if v is None]:
+        del data[key]
+    card.write_text(json.dumps(data))
+
+
+BAD = {
+    "empty class folder": (lambda s, q, m: (s / "c3").mkdir(), ["c3", "holds no image"]),
+    "single class": (lambda s, q, m: [shutil.rmtree(s / c) for c in ("c1", "c2")], ["1 class folder", "at least 2"]),
+    "more ways than the head": (lambda s, q, m: [image(s / f"x{i}" / "a.png") for i in range(3)],
+                                ["6 classes", "head has 5 outputs"]),
+    "unreadable image": (lambda s, q, m: (q / "q1.jpg").write_bytes(b"not a jpeg"), ["q1.jpg", "cannot be read"]),
+    "grey mixed with colour": (lambda s, q, m: image(q / "q1.jpg", mode="L"), ["grey", "colour", "q1.jpg"]),
+    "card not matching the weights": (lambda s, q, m: break_card(m / "best.json", {"backbone": "resnet10"}),
+                                      ["resnet10", "weights are conv4"]),
+    "card without test-time settings": (lambda s, q, m: break_card(m / "best.json", {"adaptation": None}),
+                                        ["no test-time adaptation", "purer metatrain"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(adapt_project: Path, tmp_path: Path, case: str) -> None:
+    support, query = good_task(tmp_path)
+    models = tmp_path / "models"
+    shutil.copytree(Project(adapt_project).meta.folder, models, ignore=shutil.ignore_patterns("history", "last*"))
+    spoil, words = BAD[case]
+    spoil(support, query, models)
+    out_file = tmp_path / "p.csv"
+    proc = run_purer(adapt_project, "adapt", str(support), str(query), "--model", str(models / "best"), "--out",
+                     str(out_file), "--quiet")
+    one_error_line(proc, *words)
+    assert not out_file.exists()

@@ -1,0 +1,218 @@
+"""The meta-model as an MLflow 3 logged model, and what a run records, read back for real.
+
+- the pyfunc model logged into a run (SQLite store) and loaded back with
+  ``mlflow.pyfunc.load_model`` predicts exactly what the metatest code path predicts;
+- through a real ``mlflow server`` on 127.0.0.1, the real CLI's metatrain, metatest and compare
+  runs hold: the experiment marked as model training, the logged model at the selected step
+  with its linked metrics, the teachers and splits as dataset inputs with their DVC hashes (from
+  dvc.lock when it records them), metatest nested under metatrain, one child run per compared
+  method;
+- ``mlflow models serve`` on 127.0.0.1 answers one task over HTTP with the in-process predictions.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.request import Request, urlopen
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import BIN, adapt_params, adapt_raw, copy_project, lay_out_task, run_purer, tool_env, write_yaml
+
+from purer_mlops.meta import metatest
+from purer_mlops.meta.checkpoint import load_model
+from purer_mlops.meta.learners import build_learner
+from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.paths import Project
+from purer_mlops.tracking import open_tracker
+from purer_mlops.tracking.inputs import dvc_md5
+
+DVC_ENV = ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in DVC_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def background(cmd: list[str], ready: str, log: Path, env: dict | None = None, cwd: Path | None = None
+               ) -> Iterator[None]:
+    """Run ``cmd`` until the block ends, once ``ready`` (a URL) answers; its own process group."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=tool_env(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{cmd[:3]} did not answer in 120 s: {log.read_text()[-3000:]}"
+            try:
+                with urlopen(ready, timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def task_frame(support: Path, query: Path) -> pd.DataFrame:
+    """The task of two folders as the pyfunc model's input: support by path, query as image bytes."""
+    rows = [{"role": "support", "label": f.parent.name, "path": str(f), "image": b""}
+            for f in sorted(support.glob("*/*.png"))]
+    rows += [{"role": "query", "label": f.parent.name, "path": "", "image": f.read_bytes()}
+             for f in sorted(query.glob("*/*.png"))]
+    return pd.DataFrame(rows)
+
+
+def metatest_probabilities(root: Path, shot: int = 1) -> tuple[torch.Tensor, Path, Path]:
+    """The first fixed meta-test task's query probabilities by the metatest code path, and the
+    task laid out as folders."""
+    params = adapt_params(num_sup_test=shot, episode_test=1)
+    test, tasks = metatest.fixed_test_tasks(params, Project(root), shot)
+    folder = root / f"task{shot}"
+    support, query = (folder / "support", folder / "query") if folder.exists() else lay_out_task(test, tasks[0],
+                                                                                                   folder)
+    model, _ = load_model(Project(root).meta.best)
+    learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr)
+    xs, ys, xq, _ = stack_tasks(test, tasks, torch.device("cpu")).task(0)
+    with torch.no_grad():
+        logits = learner.query_logits({k: v.detach() for k, v in model.named_parameters()}, xs, ys, xq, 5)
+    return logits.softmax(1), support, query
+
+
+def probabilities(frame: pd.DataFrame) -> torch.Tensor:
+    return torch.tensor(frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy(dtype="float64"))
+
+
+def test_the_logged_pyfunc_model_predicts_what_metatest_predicts(adapt_project, tmp_path, monkeypatch):
+    root = copy_project(adapt_project, tmp_path / "project")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = adapt_params(tracking=True, experiment_name="pyfunc")
+    metrics = json.loads((adapt_project / "results" / "metatrain" / "metrics.json").read_text())
+    with open_tracker(params, "metatrain", root) as tracker:
+        tracker.log_model(Project(root).meta.best, metrics)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/meta_model")
+    expected, support, query = metatest_probabilities(root, shot=5)
+    out = model.predict(task_frame(support, query))
+    assert torch.allclose(probabilities(out), expected.double(), atol=2e-6)
+    assert list(out["row"]) == list(range(25, 100))  # the query rows come after 25 support rows
+    assert (out["predicted"] == out["label"]).mean() == pytest.approx(
+        (expected.argmax(1) == torch.arange(5).repeat_interleave(15)).float().mean().item())
+
+
+COMPARE = {"compare": {"methods": ["random", "purer"], "shots": [1]}, "episode_test": 2}
+
+
+@pytest.fixture(scope="module")
+def server_runs(adapt_project, tmp_path_factory) -> Iterator[dict]:
+    """metatrain, metatest and compare through the real CLI, logged to a real `mlflow server`."""
+    tmp = tmp_path_factory.mktemp("server")
+    root = copy_project(adapt_project, tmp / "project")
+    for stem in ("best", "last"):  # metatrain retrains; keep nothing stale around
+        for suffix in (".safetensors", ".json"):
+            (root / "models" / "meta" / f"{stem}{suffix}").unlink(missing_ok=True)
+    write_yaml(root, adapt_raw(tracking=True, experiment_name="served", **COMPARE))
+    # dvc.lock records meta_val's hash: the run must carry that one (the teachers' is computed).
+    lock = {"schema": "2.0", "stages": {"prepare": {"cmd": "purer prepare", "outs": [
+        {"path": "data/glyphs/meta_val", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"MLFLOW_TRACKING_URI": base}
+    with background([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                     "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                     "--workers", "1"], f"{base}/health", tmp / "server.log", cwd=tmp):
+        for stage in ("metatrain", "metatest", "compare"):
+            out = run_purer(root, stage, "--quiet", env=env)
+            assert out.returncode == 0, out.stderr[-3000:]
+        yield {"root": root, "uri": base, "tmp": tmp}
+
+
+def runs_by_stage(client, experiment_id: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for run in client.search_runs([experiment_id]):
+        out.setdefault(run.data.tags["purer.stage"], []).append(run)
+    return out
+
+
+@pytest.mark.slow
+def test_the_server_holds_model_metrics_datasets_and_child_runs(server_runs):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server_runs["uri"])
+    experiment = client.get_experiment_by_name("served")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = runs_by_stage(client, experiment.experiment_id)
+    (train,) = runs["metatrain"]
+    metrics = json.loads((server_runs["root"] / "results" / "metatrain" / "metrics.json").read_text())
+
+    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert model.source_run_id == train.info.run_id and model.name == "meta_model"
+    linked = {m.key: m for m in model.metrics}
+    assert linked["best_val_accuracy"].value == pytest.approx(metrics["best_val_accuracy"])
+    assert linked["best_val_accuracy"].step == metrics["best_iteration"]
+    tested = json.loads((server_runs["root"] / "results" / "metatest" / "metrics.json").read_text())
+    assert linked["test_accuracy"].value == pytest.approx(tested["accuracy"])  # from the metatest run
+    assert [(o.model_id, o.step) for o in train.outputs.model_outputs] == [(model.model_id, metrics["best_iteration"])]
+
+    inputs = {d.dataset.name: d for d in train.inputs.dataset_inputs}
+    assert set(inputs) == {"teachers", "glyphs/meta_val"}
+    assert inputs["glyphs/meta_val"].dataset.digest == "0123456789abcdef0123456789abcdef.dir"
+    assert inputs["teachers"].dataset.digest == dvc_md5(server_runs["root"] / "models" / "teachers")
+    assert {t.key: t.value for t in inputs["teachers"].tags}["mlflow.data.context"] == "training"
+
+    (test,) = runs["metatest"]
+    assert test.data.tags["mlflow.parentRunId"] == train.info.run_id
+    assert [d.dataset.name for d in test.inputs.dataset_inputs] == ["glyphs/meta_test"]
+    # child runs inherit their parent's tags (purer.stage too); the parent hangs under metatrain
+    (compare,) = [r for r in runs["compare"] if r.data.tags["mlflow.parentRunId"] == train.info.run_id]
+    children = [r for r in runs["compare"] if r.data.tags["mlflow.parentRunId"] == compare.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["purer-1shot", "random-1shot"]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_task_over_http(server_runs):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server_runs["uri"])
+    experiment = client.get_experiment_by_name("served")
+    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    root, tmp = server_runs["root"], server_runs["tmp"]
+    expected, support, query = metatest_probabilities(root)
+    frame = task_frame(support, query)
+    port = free_port()
+    body = {"dataframe_split": {"columns": list(frame.columns), "data": [
+        [r.role, r.label, r.path, base64.b64encode(r.image).decode()] for r in frame.itertuples()]}}
+    with background([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{model.model_id}", "--env-manager",
+                     "local", "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}/ping",
+                    tmp / "serve.log", env={"MLFLOW_TRACKING_URI": server_runs["uri"]}, cwd=tmp):
+        request = Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json"})
+        with urlopen(request, timeout=120) as response:
+            answer = pd.DataFrame(json.loads(response.read())["predictions"])
+    assert len(answer) == 75
+    assert torch.allclose(probabilities(answer), expected.double(), atol=2e-6)
