@@ -69,8 +69,13 @@ def test_metatraining_on_two_ranks_matches_one_process(pretrained: Path, tmp_pat
     b = torch.load(roots["two"] / "models/meta/last.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] == 3
     assert a["curriculum"]["fired"] == b["curriculum"]["fired"] >= 1  # the adversarial path ran too
-    for key in a["model"]:
-        assert torch.allclose(a["model"][key], b["model"][key], rtol=0, atol=1e-5), key
+    # Two ranks sum the meta-gradient in another order than one process. In float32 a rounding
+    # difference can move a unit across a ReLU/max-pool kink, and Adam turns any changed entry
+    # into a step of up to ~outer_lr, on whatever CPU family oneDNN runs on; so a few entries may
+    # differ by O(outer_lr) while a wrong reduction (a rank's share lost) moves most of them.
+    diff = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
+    assert (diff <= 1e-5).float().mean() >= 0.999, f"{int((diff > 1e-5).sum())} of {diff.numel()} differ"
+    assert diff.max() <= 2 * a["iteration"] * 1e-3 * 3, float(diff.max())  # outer_lr 1e-3 (params.yaml)
     best_one = load_file(roots["one"] / "models/meta/best.safetensors")
     best_two = load_file(roots["two"] / "models/meta/best.safetensors")
     assert best_one.keys() == best_two.keys()
