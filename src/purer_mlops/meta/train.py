@@ -140,7 +140,8 @@ def check_divergence(trainer: MetaTrainer) -> None:
     if trainer.skipped_in_a_row >= DIVERGED_AFTER:
         raise UserError(f"meta-training diverged at iteration {trainer.iteration}: the last "
                         f"{trainer.skipped_in_a_row} updates had non-finite losses or gradients. Lower "
-                        "outer_lr or inversion.lr (or adv_scale), then re-run; the previous outputs are kept.")
+                        "outer_lr or inversion.lr (or adv_scale), then re-run; the checkpoints written so far "
+                        "(finite: non-finite updates are skipped) are kept.")
 
 
 def _loop(trainer: MetaTrainer, hooks: dict, tracker: Tracker, bar: tqdm, stop: Pending) -> None:
