@@ -40,7 +40,7 @@ POOLS = {
     "mixed": [("conv4", 32, (0, 1, 2, 3, 4)), ("conv4", 32, (5, 6, 7, 8, 9)),
               ("resnet10", 16, (0, 2, 4, 6, 8)), ("resnet10", 16, (1, 3, 5, 7, 9))],
 }
-PATHS = {"batched": "vmap", "plain": "loop"}
+PATHS = {"fast": "fast", "plain": "plain"}
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +68,7 @@ def as_float64(trainer: MetaTrainer) -> MetaTrainer:
     trainer.model.double()
     trainer.bank.double()
     trainer.good_bank = trainer.good_bank.double()
-    inv = trainer.inversion
-    for t in inv.teachers:
-        t.model.double()
-    for g in inv.groups:
-        g.params = {k: v.double() for k, v in g.params.items()}
-        g.buffers = {k: v.double() if v.is_floating_point() else v for k, v in g.buffers.items()}
-    inv.bank_mean, inv.bank_std = inv.bank_mean.double(), inv.bank_std.double()
+    trainer.inversion.to(trainer.device, torch.float64)
     return trainer
 
 
@@ -84,7 +78,7 @@ def trainers(root: Path, kind: str, pool: str, dtype: torch.dtype) -> dict[str, 
         params = tiny_params(meta_learner=kind, average=pool == "homogeneous", **{"metatrain.batching": batching})
         t = build_trainer(params, Project(root))
         out[name] = as_float64(t) if dtype == torch.float64 else t
-    assert out["batched"].batched and not out["plain"].batched
+    assert out["fast"].fast and not out["plain"].fast
     return out
 
 
@@ -99,7 +93,7 @@ def meta_gradient(t: MetaTrainer, seed: int = 5) -> tuple[torch.Tensor, torch.Te
     tasks = sample_pseudo_tasks(t.bank.images.detach(), p.episode_batch, p.way_train, p.num_sup_train,
                                 p.num_qur_train, torch.Generator().manual_seed(seed))
     weights = t.weights()
-    losses, _ = t.learner.batch_loss(weights, tasks, batched=t.batched)
+    losses, _ = t.learner.batch_loss(weights, tasks, batched=False)
     grads = torch.autograd.grad(losses.sum(), list(weights.values()), allow_unused=True, materialize_grads=True)
     return losses.detach(), flat(grads)
 
@@ -108,7 +102,7 @@ def meta_gradient(t: MetaTrainer, seed: int = 5) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
 def test_batched_step_equals_plain_loop_in_float64(roots: dict[str, Path], pool: str, kind: str) -> None:
     ts = trainers(roots[pool], kind, pool, torch.float64)
-    new, old = ts["batched"], ts["plain"]
+    new, old = ts["fast"], ts["plain"]
     assert new.bank.images.dtype == torch.float64 and next(new.model.parameters()).dtype == torch.float64
     assert torch.equal(new.bank.images, old.bank.images)
 
@@ -125,9 +119,9 @@ def test_batched_step_equals_plain_loop_in_float64(roots: dict[str, Path], pool:
     for name, t in ts.items():  # one full meta-iteration, adversarial: both Adam updates included
         t.curriculum.pending = True
         rows[name] = t.step()
-    assert rows["batched"]["adversarial"] == rows["plain"]["adversarial"] == 1
+    assert rows["fast"]["adversarial"] == rows["plain"]["adversarial"] == 1
     for key, value in rows["plain"].items():
-        assert rows["batched"][key] == pytest.approx(value, rel=FP64_RTOL, abs=1e-12), key
+        assert rows["fast"][key] == pytest.approx(value, rel=FP64_RTOL, abs=1e-12), key
     assert rel(new.bank.images.detach(), old.bank.images.detach()) < FP64_RTOL, "bank after the step"
     assert rel(flat(new.model.parameters()), flat(old.model.parameters())) < FP64_RTOL, "model after the step"
 
@@ -136,9 +130,9 @@ def test_batched_step_equals_plain_loop_in_float64(roots: dict[str, Path], pool:
 @pytest.mark.parametrize("kind", ["maml", "protonet"])
 def test_batched_losses_equal_plain_loop_in_float32(roots: dict[str, Path], pool: str, kind: str) -> None:
     ts = trainers(roots[pool], kind, pool, torch.float32)
-    (terms_new, _), (terms_old, _) = inversion(ts["batched"]), inversion(ts["plain"])
+    (terms_new, _), (terms_old, _) = inversion(ts["fast"]), inversion(ts["plain"])
     for name in (*TERMS, "loss"):
         assert terms_new[name] == pytest.approx(terms_old[name], rel=FP32_RTOL), name
-    loss_new, _ = meta_gradient(ts["batched"])
+    loss_new, _ = meta_gradient(ts["fast"])
     loss_old, _ = meta_gradient(ts["plain"])
     torch.testing.assert_close(loss_new, loss_old, rtol=FP32_RTOL, atol=1e-6)

@@ -37,14 +37,13 @@ from .tasks import TaskBatch, sample_pseudo_tasks, sample_real_tasks
 TRAIN_COLUMNS = ("iteration", "meta_loss", "pseudo_accuracy", "inversion_loss", *TERMS, "adversarial")
 
 
-def use_vmap(mode: str, device: torch.device) -> bool:
-    """Whether ``metatrain.batching`` asks for vmap on ``device``.
+def use_fast(mode: str) -> bool:
+    """Whether ``metatrain.batching`` (``auto``, ``fast``, ``plain``) asks for the fast path.
 
-    vmap pays off where kernel launches dominate (CUDA); on a few CPU cores memory-bound
-    passes over the activations dominate, vmap adds layout copies and the loop is faster
-    (docs/performance.md).
+    ``auto`` takes it on every device; ``plain`` is the yardstick of the benchmarks and of the
+    equivalence tests (docs/performance.md).
     """
-    return mode == "vmap" or (mode == "auto" and device.type == "cuda")
+    return mode != "plain"
 
 
 def check_bank_tasks(params: Params, bank_classes: int) -> None:
@@ -75,13 +74,14 @@ class MetaTrainer:
                  real: ImageSet | None = None, ranks: Ranks = SINGLE):
         self.params, self.pool, self.val, self.real, self.ranks = params, pool, val, real, ranks
         self.device = device
-        self.batched = use_vmap(params.metatrain.batching, device)
+        self.fast = use_fast(params.metatrain.batching)
         self.info = DATASETS[params.dataset]
         self.val_tasks = fixed_tasks(val, params.metatrain.val_episodes, params.way_test,
                                      params.num_sup_test, params.num_qur_test, seed=params.seed + 1)
         self.model = init_meta_model(params, pool, self.info.image_size).to(device)
         self.learner = build_learner(params.meta_learner, self.model, params.inner_update_num,
                                      params.inner_lr, first_order=params.approx)
+        self.learner.fast = self.fast
         self.tester = build_learner(params.meta_learner, self.model, params.test_inner_update_num,
                                     params.inner_lr)
         self.gen = torch.Generator().manual_seed(params.seed)
@@ -100,7 +100,7 @@ class MetaTrainer:
         check_bank_tasks(p, len(self.pool.bank_classes))
         bank = Bank(len(self.pool.bank_classes), p.synthesis_per_class, self.info.image_size, self.gen)
         self.inversion = InversionLoss(self.pool.teachers, self.info, p.inversion,
-                                       batched=self.batched).to(self.device)
+                                       fast=self.fast).to(self.device)
         bank = bank.to(self.device)
         self.bank_opt = torch.optim.Adam(bank.parameters(), lr=p.inversion.lr)
         self.good_bank = bank.images.detach().clone()
@@ -177,7 +177,7 @@ class MetaTrainer:
         weights = self.weights()
         share = list(self.ranks.share(len(tasks)))  # this rank's tasks of the meta-batch
         if share:
-            losses, accs = self.learner.batch_loss(weights, tasks.select(share), batched=self.batched)
+            losses, accs = self.learner.batch_loss(weights, tasks.select(share), batched=False)
             loss = losses.sum()
             grads = list(torch.autograd.grad(loss, list(weights.values()), allow_unused=True,
                                              materialize_grads=True))

@@ -23,19 +23,37 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+
+_NATIVE_BATCH_STATS: ContextVar[bool] = ContextVar("native_batch_stats", default=False)
+
+
+@contextmanager
+def native_batch_stats(enabled: bool = True) -> Iterator[None]:
+    """Inside, :class:`BatchStatNorm2d` runs the native ``F.batch_norm`` (the fast path).
+
+    Its double backward is correct outside ``vmap`` (tests/test_learners.py checks it with
+    ``gradgradcheck``) and it reads the activation once for both statistics.
+    """
+    token = _NATIVE_BATCH_STATS.set(enabled)
+    try:
+        yield
+    finally:
+        _NATIVE_BATCH_STATS.reset(token)
 
 
 class BatchStatNorm2d(nn.BatchNorm2d):
     """BatchNorm that always normalises with the current batch's statistics (no buffers).
 
-    Written out in elementary ops instead of ``F.batch_norm``: under ``vmap`` the batching
-    rule of batch norm's double backward is wrong (pytorch/functorch#534), which made the
-    batched second-order MAML meta-gradient differ from the plain loop (~1e-4 relative).
+    Written out in elementary ops by default (the plain path, and ``vmap`` at test time):
+    under ``vmap`` the batching rule of batch norm's double backward is wrong
+    (pytorch/functorch#534). Inside :func:`native_batch_stats` it calls ``F.batch_norm``.
     Same parameters and state dict as ``nn.BatchNorm2d(track_running_stats=False)``.
     """
 
@@ -43,6 +61,8 @@ class BatchStatNorm2d(nn.BatchNorm2d):
         super().__init__(channels, track_running_stats=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _NATIVE_BATCH_STATS.get():
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
         return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
