@@ -30,13 +30,34 @@ from ..models.backbones import Classifier, Conv4, capture_bn_inputs
 CL = torch.channels_last
 
 
+class BatchStats(torch.autograd.Function):
+    """Per-channel mean and (biased) variance (C,) of y (N, C, H, W) from Σy and Σy².
+
+    The backward is one fused pass, ∂/∂y = ḡ_μ/n + 2·ḡ_σ²·(y − μ)/n, where autograd would
+    take several; it is first order only (the inversion never differentiates it twice).
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # a view for channels-last y
+        n = flat.shape[0]
+        mean = flat.sum(0) / n
+        ctx.save_for_backward(y, mean)
+        return mean, (flat * flat).sum(0) / n - mean * mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:
+        y, mean = ctx.saved_tensors
+        n = y.numel() // y.shape[1]
+        a = g_var * (2.0 / n)
+        b = g_mean / n - mean * a
+        return torch.addcmul(b.view(1, -1, 1, 1), y, a.view(1, -1, 1, 1))
+
+
 def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance (C,) of y (N, C, H, W), in one pass over y."""
-    c = y.shape[1]
-    flat = y.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels-last y
-    n = flat.shape[0]
-    mean = flat.sum(0) / n
-    return mean, (flat * flat).sum(0) / n - mean * mean
+    return BatchStats.apply(y)
 
 
 class FoldedConv4:

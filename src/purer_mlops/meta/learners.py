@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..models.backbones import native_batch_stats
+from ..models.backbones import fast_forward
 from .tasks import TaskBatch
 
 Weights = dict[str, torch.Tensor]
@@ -53,7 +53,9 @@ class MetaLearner:
             uses detached meta-parameters, so it builds no graph at all.
 
     Attributes:
-        fast: task losses run the fast path (native batch norm); False: the plain one.
+        fast: task losses run the model's fast forward
+            (:func:`~purer_mlops.models.backbones.fast_forward`: native batch norm, max-pool
+            before ReLU); False: the plain one. Channels-last did not pay here (small batches).
     """
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False):
@@ -93,7 +95,7 @@ class MetaLearner:
     def task_loss(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                   yq: torch.Tensor, way: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy and accuracy (both 0-dim) of one task after adaptation."""
-        with native_batch_stats(self.fast):
+        with fast_forward(self.fast):
             logits = self.query_logits(weights, xs, ys, xq, way)
         acc = (logits.argmax(dim=1) == yq).float().mean()
         return F.cross_entropy(logits, yq), acc

@@ -31,21 +31,23 @@ from torch import nn
 
 from ..errors import UserError
 
-_NATIVE_BATCH_STATS: ContextVar[bool] = ContextVar("native_batch_stats", default=False)
+_FAST: ContextVar[bool] = ContextVar("fast_forward", default=False)
 
 
 @contextmanager
-def native_batch_stats(enabled: bool = True) -> Iterator[None]:
-    """Inside, :class:`BatchStatNorm2d` runs the native ``F.batch_norm`` (the fast path).
+def fast_forward(enabled: bool = True) -> Iterator[None]:
+    """Inside, the meta-model runs its fast forward: same function, cheaper kernels.
 
-    Its double backward is correct outside ``vmap`` (tests/test_learners.py checks it with
-    ``gradgradcheck``) and it reads the activation once for both statistics.
+    :class:`BatchStatNorm2d` calls the native ``F.batch_norm`` (one read of the activation for
+    both statistics; its double backward is correct outside ``vmap``, which
+    tests/test_learners.py checks with ``gradgradcheck``), and :class:`Conv4` max-pools before
+    the ReLU (equal, ReLU being monotone) so the ReLU touches a quarter of the values.
     """
-    token = _NATIVE_BATCH_STATS.set(enabled)
+    token = _FAST.set(enabled)
     try:
         yield
     finally:
-        _NATIVE_BATCH_STATS.reset(token)
+        _FAST.reset(token)
 
 
 class BatchStatNorm2d(nn.BatchNorm2d):
@@ -53,7 +55,7 @@ class BatchStatNorm2d(nn.BatchNorm2d):
 
     Written out in elementary ops by default (the plain path, and ``vmap`` at test time):
     under ``vmap`` the batching rule of batch norm's double backward is wrong
-    (pytorch/functorch#534). Inside :func:`native_batch_stats` it calls ``F.batch_norm``.
+    (pytorch/functorch#534). Inside :func:`fast_forward` it calls ``F.batch_norm``.
     Same parameters and state dict as ``nn.BatchNorm2d(track_running_stats=False)``.
     """
 
@@ -61,7 +63,7 @@ class BatchStatNorm2d(nn.BatchNorm2d):
         super().__init__(channels, track_running_stats=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _NATIVE_BATCH_STATS.get():
+        if _FAST.get():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
@@ -94,7 +96,12 @@ class Conv4(nn.Module):
         self.out_dim = width * side * side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if not _FAST.get():
+            return self.body(x)
+        blocks = list(self.body)
+        for conv, bn, relu, pool in zip(*[iter(blocks[:-1])] * 4, strict=True):
+            x = relu(pool(bn(conv(x))))
+        return blocks[-1](x)
 
 
 class BasicBlock(nn.Module):
