@@ -30,6 +30,11 @@ from ..models.backbones import Classifier, Conv4, capture_bn_inputs
 CL = torch.channels_last
 
 
+def _rows(y: torch.Tensor) -> torch.Tensor:
+    """y (N, C, H, W) as rows (N·H·W, C): a view for channels-last y, a copy otherwise."""
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
 class BatchStats(torch.autograd.Function):
     """Per-channel mean and (biased) variance (C,) of y (N, C, H, W) from Σy and Σy².
 
@@ -39,7 +44,7 @@ class BatchStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # a view for channels-last y
+        flat = _rows(y)
         n = flat.shape[0]
         mean = flat.sum(0) / n
         ctx.save_for_backward(y, mean)
@@ -49,10 +54,11 @@ class BatchStats(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:
         y, mean = ctx.saved_tensors
-        n = y.numel() // y.shape[1]
-        a = g_var * (2.0 / n)
-        b = g_mean / n - mean * a
-        return torch.addcmul(b.view(1, -1, 1, 1), y, a.view(1, -1, 1, 1))
+        flat = _rows(y)
+        a = g_var * (2.0 / flat.shape[0])
+        b = g_mean / flat.shape[0] - mean * a
+        n, c, h, w = y.shape  # computed on the (N·H·W, C) rows: the result is channels-last like y
+        return torch.addcmul(b, flat, a).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -190,8 +190,10 @@ class InversionLoss:
         x = bank[cls].flatten(1, 2)  # (T, k·P, 3, S, S): one gather for the group
         x = jitter(self._to_teacher_space(x, g.image_size, g.mean, g.std), *shift)
         ce, bn = x.new_zeros(()), x.new_zeros(())
+        # channels-last once for the group: each teacher's chunk is then channels-last contiguous
+        chunks = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).split(x.shape[1])
         with self._autocast(x):
-            for j, xj in zip(rows, x, strict=True):
+            for j, xj in zip(rows, chunks, strict=True):
                 logits, bn_j = g.scorers[j](xj)
                 ce = ce + F.cross_entropy(at_least_fp32(logits), y)
                 bn = bn + at_least_fp32(bn_j)
