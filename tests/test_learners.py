@@ -7,7 +7,8 @@
 - ProtoNet's logits are minus squared Euclidean distances to the class means of the support
   embeddings.
 - The fast forward's native batch norm has a correct double backward (``gradgradcheck``)
-  and computes what the elementary-op one does.
+  and computes what the elementary-op one does; its max-pool gives nn.MaxPool2d's values and
+  gradients.
 - ``batch_loss`` gives the same losses, accuracies and gradients batched (vmap) and looped.
 """
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from purer_mlops.meta.learners import MetaLearner, build_learner
 from purer_mlops.meta.tasks import TaskBatch
-from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward
+from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward, max_pool2
 
 SIZE = 16
 
@@ -171,3 +172,14 @@ def test_fast_batch_norm_has_a_correct_double_backward() -> None:
     assert torch.autograd.gradgradcheck(native, (x, w, b))
     plain = torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
     torch.testing.assert_close(native(x, w, b), plain, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_max_pool_equals_max_pool_with_its_gradients() -> None:
+    x = torch.randn(3, 4, 8, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                    requires_grad=True)
+    out, ref = max_pool2(x), torch.nn.MaxPool2d(2)(x)
+    assert torch.equal(out, ref)
+    w = torch.randn_like(ref)
+    (g_out,), (g_ref,) = (torch.autograd.grad((o * w).sum(), [x]) for o in (out, ref))
+    assert torch.equal(g_out, g_ref) and int((g_ref != 0).sum()) == ref.numel()
+    assert torch.autograd.gradgradcheck(max_pool2, (x,))
