@@ -66,6 +66,40 @@ def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return BatchStats.apply(y)
 
 
+# The four neighbour differences of total variation, as (minuend, subtrahend) slices of (..., H, W).
+_TV_PAIRS = (((..., slice(None), slice(None, -1)), (..., slice(None), slice(1, None))),
+             ((..., slice(None, -1), slice(None)), (..., slice(1, None), slice(None))),
+             ((..., slice(1, None), slice(None, -1)), (..., slice(None, -1), slice(1, None))),
+             ((..., slice(None, -1), slice(None, -1)), (..., slice(1, None), slice(1, None))))
+
+
+class GroupTotalVariation(torch.autograd.Function):
+    """Σ_t TV(x_t) over the teachers of a group, x (T, n, 3, H, W), TV as :func:`~.inversion.total_variation`.
+
+    The backward adds each difference's D_kᵀ(D_k x/‖D_k x‖) into one gradient buffer; autograd
+    would zero-fill and add a full-size tensor for each of the eight slices.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        diffs = [x[a] - x[b] for a, b in _TV_PAIRS]
+        norms = [d.flatten(1).norm(dim=1) for d in diffs]  # (T,) each
+        ctx.save_for_backward(*diffs, *norms)
+        ctx.shape = x.shape
+        return torch.stack(norms).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        diffs, norms = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
+        gx = diffs[0].new_zeros(ctx.shape)
+        for (a, b), d, norm in zip(_TV_PAIRS, diffs, norms, strict=True):
+            r = d * torch.where(norm > 0, g / norm, 0).view(-1, *[1] * (d.dim() - 1))
+            gx[a] += r
+            gx[b] -= r
+        return gx
+
+
 class FoldedConv4:
     """A conv4 teacher with each BatchNorm folded into its convolution (weights channels-last).
 

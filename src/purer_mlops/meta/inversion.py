@@ -30,7 +30,7 @@ from torch import nn
 from ..config import InversionParams
 from ..data.registry import DatasetInfo
 from ..models.backbones import capture_bn_inputs
-from .fused import scorer
+from .fused import GroupTotalVariation, scorer
 
 TERMS = ("ce", "bn", "tv", "l2")
 
@@ -197,8 +197,7 @@ class InversionLoss:
                 logits, bn_j = g.scorers[j](xj)
                 ce = ce + F.cross_entropy(at_least_fp32(logits), y)
                 bn = bn + at_least_fp32(bn_j)
-        tv = sum(total_variation(xj) for xj in x)
-        return torch.stack([ce, bn, tv, x.flatten(1).norm(dim=1).sum()])
+        return torch.stack([ce, bn, GroupTotalVariation.apply(x), x.flatten(1).norm(dim=1).sum()])
 
     def __call__(self, bank: torch.Tensor, shift: tuple[int, int],
                  chosen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
