@@ -208,12 +208,14 @@ class MetaTrainer:
     def step(self) -> dict[str, float]:
         """One meta-iteration; returns its row of the training curve."""
         skipped = self.skipped
-        terms, adversarial = ({k: torch.zeros(()) for k in (*TERMS, "loss")}, False) if self.oracle \
-            else self.bank_step()
+        terms, adversarial = ({k: torch.zeros((), device=self.device) for k in (*TERMS, "loss")}, False) \
+            if self.oracle else self.bank_step()
         loss, acc = self.meta_step()
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.skipped > skipped else 0
-        row = {"iteration": self.iteration, "meta_loss": float(loss), "pseudo_accuracy": float(acc),
-               "inversion_loss": float(terms["loss"]), **{k: float(terms[k]) for k in TERMS},
+        # one host read for the whole row (one device sync on CUDA)
+        figures = torch.stack([loss, acc, terms["loss"], *(terms[k] for k in TERMS)]).tolist()
+        row = {"iteration": self.iteration, **dict(zip(("meta_loss", "pseudo_accuracy", "inversion_loss", *TERMS),
+                                                       figures, strict=True)),
                "adversarial": int(adversarial)}
         for k, v in row.items():  # a skipped update left the state as it was: report its last figure
             if not math.isfinite(v):
