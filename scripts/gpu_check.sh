@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check of the project: CUDA benchmarks (loop vs batched), a small pipeline on
+# One short GPU check of the project: CUDA benchmarks (plain vs fast, GFLOP/s), a small pipeline on
 # CUDA (pretrain, metatrain, metatest) and a torchrun run with the NCCL backend.
 # Usage: bash scripts/gpu_check.sh OUTDIR   (needs torch with CUDA, click, safetensors, tqdm,
 # pyyaml, pillow, matplotlib, scipy, filelock, pytest-benchmark; no dvc/mlflow: tracking off)
@@ -10,9 +10,9 @@ py=python3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
 
-echo "== benchmarks on CUDA"
+echo "== benchmarks on CUDA (metatrain.batching plain vs fast; GFLOP/s lines after each fast run)"
 PURER_BENCH_DEVICE=cuda timeout 240 $py -m pytest tests/benchmarks --benchmark-only -o addopts="" -q \
-  -p no:cacheprovider --benchmark-group-by=group --benchmark-json="$out/bench_cuda.json" 2>&1 | tail -25
+  -p no:cacheprovider --benchmark-group-by=group --benchmark-json="$out/bench_cuda.json" 2>&1 | grep -v "^$" | tail -40
 
 echo "== pipeline on CUDA (Glyph-FS defaults, shortened meta-training)"
 root=$(mktemp -d); cp params.yaml "$root/"

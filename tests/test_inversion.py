@@ -7,7 +7,7 @@
   N − i times).
 - ``total_variation`` and ``jitter`` match hand computations.
 - A heterogeneous pool (conv4 at 32 and 16 px with another normalisation, resnet10 at 16 px)
-  gives the same terms and bank gradient batched (vmap per group) and looped.
+  gives the same terms and bank gradient on the fast path and the plain loop.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def bank(classes: int, per_class: int, size: int = 16, seed: int = 1) -> torch.T
     return torch.randn(classes, per_class, 3, size, size, generator=g).requires_grad_()
 
 
-def loss_fn(teachers, size: int = 16, batched: bool = True, a_bn: float = 0.01) -> InversionLoss:
+def loss_fn(teachers, size: int = 16, fast: bool = True, a_bn: float = 0.01) -> InversionLoss:
     space = DatasetInfo("bank", image_size=size, mean=MEAN, std=STD, raw=())
-    return InversionLoss(teachers, space, InversionParams(bn=a_bn, tv=1e-4, l2=1e-5), batched=batched)
+    return InversionLoss(teachers, space, InversionParams(bn=a_bn, tv=1e-4, l2=1e-5), fast=fast)
 
 
 def values(out: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -65,26 +65,26 @@ def match_running_stats(t: Teacher, x: torch.Tensor) -> None:
     t.model.eval()
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_bn_term_is_zero_when_running_stats_are_the_slice_statistics(batched: bool) -> None:
+@pytest.mark.parametrize("fast", [True, False])
+def test_bn_term_is_zero_when_running_stats_are_the_slice_statistics(fast: bool) -> None:
     images = bank(4, 3)
     teachers = [teacher([0, 2], seed=0), teacher([1, 3], seed=1)]
-    before = values(loss_fn(teachers, batched=batched)(images, (0, 0)))["bn"]
+    before = values(loss_fn(teachers, fast=fast)(images, (0, 0)))["bn"]
     assert before > 1.0  # the warm-up statistics are far from the bank's
     for t in teachers:  # each teacher from its own slice, in its label order
         match_running_stats(t, images.detach()[t.classes].flatten(0, 1))
-    after = values(loss_fn(teachers, batched=batched)(images, (0, 0)))["bn"]
+    after = values(loss_fn(teachers, fast=fast)(images, (0, 0)))["bn"]
     assert after < 1e-4 * before, (after, before)
     # statistics of the whole bank are not those of a teacher's slice
     whole = teacher([0, 2], seed=0)
     match_running_stats(whole, images.detach().flatten(0, 1))
-    assert values(loss_fn([whole], batched=batched)(images, (0, 0)))["bn"] > 1e-2
+    assert values(loss_fn([whole], fast=fast)(images, (0, 0)))["bn"] > 1e-2
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_bank_gradient_of_one_teacher_reaches_only_its_classes(batched: bool) -> None:
+@pytest.mark.parametrize("fast", [True, False])
+def test_bank_gradient_of_one_teacher_reaches_only_its_classes(fast: bool) -> None:
     images = bank(4, 3)
-    inv = loss_fn([teacher([0, 2], seed=0), teacher([1, 3], seed=1)], batched=batched)
+    inv = loss_fn([teacher([0, 2], seed=0), teacher([1, 3], seed=1)], fast=fast)
     out = inv(images, (1, -2), chosen=torch.tensor([0]))
     (g,) = torch.autograd.grad(out["loss"], [images])
     per_image = g.abs().flatten(2).sum(-1)  # (classes, per_class)
@@ -92,10 +92,10 @@ def test_bank_gradient_of_one_teacher_reaches_only_its_classes(batched: bool) ->
     assert torch.all(per_image[[0, 2]] > 0)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_every_teacher_is_weighted_once(batched: bool) -> None:
+@pytest.mark.parametrize("fast", [True, False])
+def test_every_teacher_is_weighted_once(fast: bool) -> None:
     images = bank(6, 2)
-    inv = loss_fn([teacher([0, 1], seed=0), teacher([2, 3], seed=1), teacher([4, 5], seed=2)], batched=batched)
+    inv = loss_fn([teacher([0, 1], seed=0), teacher([2, 3], seed=1), teacher([4, 5], seed=2)], fast=fast)
     alone = [values(inv(images, (1, 1), chosen=torch.tensor([i]))) for i in range(3)]
     together = values(inv(images, (1, 1), chosen=torch.tensor([0, 1, 2])))
     everyone = values(inv(images, (1, 1)))
@@ -132,7 +132,7 @@ def test_jitter_is_a_roll_of_the_whole_batch() -> None:
     assert torch.equal(jitter(y, -dx, -dy), x)
 
 
-def test_heterogeneous_pool_batched_equals_loop() -> None:
+def test_heterogeneous_pool_fast_equals_plain() -> None:
     other_mean, other_std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
 
     def pool() -> list[Teacher]:  # same seeds: same teachers for both runs
@@ -144,12 +144,12 @@ def test_heterogeneous_pool_batched_equals_loop() -> None:
 
     images = bank(6, 2, size=32)
     results = {}
-    for batched in (True, False):
-        inv = loss_fn(pool(), size=32, batched=batched)
+    for fast in (True, False):
+        inv = loss_fn(pool(), size=32, fast=fast)
         assert len(inv.groups) == 3
         out = inv(images, (2, -1))
         (g,) = torch.autograd.grad(out["loss"], [images])
-        results[batched] = (values(out), g)
+        results[fast] = (values(out), g)
     (t_b, g_b), (t_l, g_l) = results[True], results[False]
     for name in (*TERMS, "loss"):
         assert t_b[name] == pytest.approx(t_l[name], rel=1e-5), name

@@ -6,6 +6,9 @@
 - ANIL's inner loop adapts only the head; the backbone tensors are passed through untouched.
 - ProtoNet's logits are minus squared Euclidean distances to the class means of the support
   embeddings.
+- The fast forward's native batch norm has a correct double backward (``gradgradcheck``)
+  and computes what the elementary-op one does; its max-pool gives nn.MaxPool2d's values and
+  gradients.
 - ``batch_loss`` gives the same losses, accuracies and gradients batched (vmap) and looped.
 """
 
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 
 from purer_mlops.meta.learners import MetaLearner, build_learner
 from purer_mlops.meta.tasks import TaskBatch
-from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward, max_pool2
 
 SIZE = 16
 
@@ -53,12 +56,14 @@ def meta_grad(learner: MetaLearner, params, data, way) -> torch.Tensor:
     return flat(torch.autograd.grad(loss, list(params.values())))
 
 
-def test_maml_second_order_meta_gradient_matches_finite_differences() -> None:
+@pytest.mark.parametrize("fast", [False, True])
+def test_maml_second_order_meta_gradient_matches_finite_differences(fast: bool) -> None:
     way = 3
     model = tiny_model(way, torch.float64)
     data = task(way, shot=2, query=2, dtype=torch.float64)
     # a large inner step makes the second-order terms big enough to tell apart
     so = build_learner("maml", model, inner_steps=2, inner_lr=0.3)
+    so.fast = fast  # the fast path: native batch norm, max-pool before ReLU
     fo = build_learner("maml", model, inner_steps=2, inner_lr=0.3, first_order=True)
     params = leaf_params(model)
     g_so, g_fo = meta_grad(so, params, data, way), meta_grad(fo, params, data, way)
@@ -151,3 +156,30 @@ def test_batch_loss_batched_equals_loop(kind: str) -> None:
     assert float((g_vmap - g_loop).norm() / g_loop.norm()) < 1e-8
     # the tasks differ, so the per-task losses are not one value broadcast
     assert out[False][0].unique().numel() == 3
+
+
+def test_fast_batch_norm_has_a_correct_double_backward() -> None:
+    g = torch.Generator().manual_seed(0)
+    norm = BatchStatNorm2d(3).double()
+    x = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def native(x, w, b):
+        with fast_forward():
+            return torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradgradcheck(native, (x, w, b))
+    plain = torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,))
+    torch.testing.assert_close(native(x, w, b), plain, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_max_pool_equals_max_pool_with_its_gradients() -> None:
+    x = torch.randn(3, 4, 8, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                    requires_grad=True)
+    out, ref = max_pool2(x), torch.nn.MaxPool2d(2)(x)
+    assert torch.equal(out, ref)
+    w = torch.randn_like(ref)
+    (g_out,), (g_ref,) = (torch.autograd.grad((o * w).sum(), [x]) for o in (out, ref))
+    assert torch.equal(g_out, g_ref) and int((g_ref != 0).sum()) == ref.numel()
+    assert torch.autograd.gradgradcheck(max_pool2, (x,))

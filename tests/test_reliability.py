@@ -578,18 +578,18 @@ def _bank_value(value: float) -> Callable[[MetaTrainer], None]:
 
 
 def _teacher_inf(trainer: MetaTrainer) -> Callable[[], None]:
-    """One teacher weight set to +inf for one step (the tensor the inversion loss really uses)."""
-    group = trainer.inversion.groups[0]
-    key = next(k for k in group.params if k.endswith("weight"))
-    saved = group.params[key].clone()
-    group.params[key].view(-1)[0] = float("inf")
-    for t in trainer.inversion.teachers:  # and the module copies, whichever path is taken
-        dict(t.model.named_parameters())[key].data.view(-1)[0] = float("inf")
+    """One teacher weight set to +inf for one step (in the module, and in the fast path's
+    folded copies, which ``InversionLoss.to`` rebuilds from it)."""
+    inv = trainer.inversion
+    model = inv.teachers[inv.groups[0].members[0]].model
+    weight = next(w for k, w in model.named_parameters() if k.endswith("weight"))
+    saved = weight.detach().clone()
+    weight.data.view(-1)[0] = float("inf")
+    inv.to(trainer.device)
 
     def restore() -> None:
-        group.params[key].copy_(saved)
-        for j, i in enumerate(group.members):
-            dict(trainer.inversion.teachers[i].model.named_parameters())[key].data.copy_(saved[j])
+        weight.data.copy_(saved)
+        inv.to(trainer.device)
     return restore
 
 

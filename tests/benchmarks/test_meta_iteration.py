@@ -1,11 +1,15 @@
 """Benchmarks of one PURER meta-iteration (bank update with the adversarial term + meta update).
 
-Each setting times the plain per-teacher, per-task loop and the batched (vmap) path in the
-same run, in one benchmark group, so their ratio is read off the same table:
+Each setting times the ``plain`` path (the per-teacher, per-task yardstick) and the ``fast``
+one in the same run, in one benchmark group, so their ratio is read off the same table:
 
-    pytest tests/benchmarks --benchmark-only --benchmark-group-by=group
+    pytest tests/benchmarks -o addopts="" --benchmark-only --benchmark-group-by=group -k 5w5s
 
-``PURER_BENCH_DEVICE=cuda`` runs them on the GPU (CUDA is synchronised after each round).
+After each ``fast`` benchmark one line is printed: the iteration's FLOPs (convolutions and
+matrix products, by ``torch.utils.flop_counter``), the GFLOP/s the fast path achieves, a dense
+fp32 matrix product's GFLOP/s measured in the same run (the distance to the machine's peak)
+and the plain/fast ratio of the medians. ``PURER_BENCH_DEVICE=cuda`` runs them on the GPU
+(CUDA is synchronised after each round).
 
 Teachers are freshly initialised conv4s whose BatchNorm running statistics come from a few
 forward passes: the arithmetic of an iteration does not depend on what they learned.
@@ -14,12 +18,14 @@ forward passes: the arithmetic of an iteration does not depend on what they lear
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from purer_mlops.config import from_dict
 from purer_mlops.data.filelist import write_filelists
@@ -30,6 +36,7 @@ from purer_mlops.models.pool import TeacherRecord, save_pool
 from purer_mlops.paths import Project
 
 DEVICE = os.environ.get("PURER_BENCH_DEVICE", "cpu")
+MEDIANS: dict[tuple[str, str], float] = {}  # (setting, path) -> median seconds, for the ratio line
 
 SETTINGS = {
     # the seed's cifar_55_conv4 script: 13 conv4 teachers, 64 classes, 20 images per class
@@ -80,13 +87,38 @@ def setting(request, tmp_path_factory):
     return name, root, s
 
 
-@pytest.mark.parametrize("mode", ["loop", "batched"])
-def test_meta_iteration(benchmark, setting, mode):
+def _sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a dense fp32 n×n matrix product on the benchmark device (best of ``repeats``)."""
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync()
+        t = time.perf_counter()
+        a @ b
+        _sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def iteration_flops(step) -> int:
+    """FLOPs (convolutions, matrix products; forward and backward) of one call of ``step``."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mode", ["plain", "fast"])
+def test_meta_iteration(benchmark, setting, mode, capsys):
     name, root, s = setting
     params = from_dict({
         "num_sup_train": s["num_sup_train"], "synthesis_per_class": s["synthesis_per_class"],
         "inner_update_num": s["inner"], "candidate_size": s["candidate"], "tracking": False,
-        "device": DEVICE, "metatrain": {"batching": "vmap" if mode == "batched" else "loop", "val_episodes": 1},
+        "device": DEVICE, "metatrain": {"batching": mode, "val_episodes": 1},
     })
     trainer = build_trainer(params, Project(root))
     benchmark.group = f"meta_iteration_{name}"
@@ -98,6 +130,18 @@ def test_meta_iteration(benchmark, setting, mode):
     def iteration() -> None:
         trainer.step()  # reads its losses back (.item()), so CUDA work is finished when it returns
 
-    benchmark.pedantic(iteration, setup=adversarial, rounds=5, warmup_rounds=1, iterations=1)
+    adversarial()
+    flops = iteration_flops(iteration)  # also the warm-up round
+    benchmark.pedantic(iteration, setup=adversarial, rounds=5, iterations=1)
     assert trainer.history["adversarial"][-1] == 1
     assert np.isfinite(trainer.history["meta_loss"][-1])
+    median = benchmark.stats.stats.median
+    MEDIANS[name, mode] = median
+    benchmark.extra_info.update(gflop=flops / 1e9, gflops=flops / median / 1e9)
+    if mode == "fast":
+        peak = matmul_gflops()
+        plain = MEDIANS.get((name, "plain"))
+        ratio = f", plain/fast {plain / median:.2f}x" if plain else ""
+        with capsys.disabled():
+            print(f"\n[{name}] {flops / 1e9:.1f} GFLOP per iteration; fast {flops / median / 1e9:.1f} GFLOP/s "
+                  f"({median:.3f} s); dense fp32 matmul {peak:.1f} GFLOP/s{ratio}")

@@ -90,8 +90,9 @@ class MetatrainParams:
     checkpoint_interval: int = knob(50, "meta-iterations between `models/meta/last.pt` checkpoints (resume)",
                                     *TRAIN, ge=1, bookkeeping=True)
     image_interval: int = knob(250, "meta-iterations between bank image grids", *TRAIN, ge=1, bookkeeping=True)
-    batching: str = knob("auto", "`vmap` over teachers and tasks, or the plain `loop`; `auto`: vmap on CUDA, "
-                         "loop on CPU (docs/performance.md)", *TRAIN, choices=("auto", "vmap", "loop"))
+    batching: str = knob("auto", "`fast` (folded BatchNorm, channels-last, native batch norm) or the plain "
+                         "per-teacher, per-task `plain` yardstick; `auto`: fast (docs/performance.md)", *TRAIN,
+                         choices=("auto", "fast", "plain"))
 
 
 @dataclass(frozen=True)

@@ -12,26 +12,25 @@ and re-normalised to its dataset's statistics, and scores it with
 (Yin et al., CVPR 2020, "Dreaming to Distill"). Every teacher is weighted once; the
 reference's running-total bug weighted teacher i (N − i) times.
 
-Teachers of one architecture and input size are stacked (``torch.func.stack_module_state``)
-and scored together with ``vmap``; the plain per-teacher loop gives the same numbers and
-is kept as the benchmarks' yardstick.
+The fast path gathers the bank once per group of teachers (same architecture, input size and
+normalisation) and scores each teacher with :mod:`.fused` (BatchNorm folded into the
+convolutions, channels-last); the plain per-teacher loop gives the same numbers and is kept as
+the benchmarks' and equivalence tests' yardstick.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
 
 from ..config import InversionParams
 from ..data.registry import DatasetInfo
 from ..models.backbones import capture_bn_inputs
+from .fused import GroupTotalVariation, scorer
 
 TERMS = ("ce", "bn", "tv", "l2")
 
@@ -91,24 +90,20 @@ class Bank(nn.Module):
 
 
 class _Group:
-    """Teachers sharing architecture, input size and normalisation, stacked for ``vmap``."""
+    """Teachers sharing architecture, input size, label count and normalisation."""
 
     def __init__(self, teachers: Sequence[Teacher], members: list[int]):
         self.members = members  # indices into the pool
-        self.base = copy.deepcopy(teachers[members[0]].model).to("meta")
-        self.params, self.buffers = stack_module_state([teachers[i].model for i in members])
-        self.params = {k: v.detach() for k, v in self.params.items()}
         self.classes = torch.stack([teachers[i].classes for i in members])  # (T, k)
         first = teachers[members[0]]
         self.image_size, self.mean, self.std = first.image_size, first.mean, first.std
         self.bn_keys = [name for name, m in first.model.named_modules()
                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.scorers: list = []  # the fast path's, built by InversionLoss.to
 
-    def to(self, device: torch.device) -> _Group:
-        self.params = {k: v.to(device) for k, v in self.params.items()}
-        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
-        self.classes = self.classes.to(device)
-        return self
+    def rows(self, use: set[int] | None) -> list[int]:
+        """Positions in the group of the teachers used this update (all when ``use`` is None)."""
+        return [j for j, i in enumerate(self.members) if use is None or i in use]
 
 
 class InversionLoss:
@@ -119,31 +114,38 @@ class InversionLoss:
         bank: size and normalisation of the bank's space (the meta-dataset's).
         priors: weights of the priors (``bn``, ``tv``, ``l2``) and ``bf16`` (autocast of the
             teachers' forward pass, CUDA only).
-        batched: stack same-architecture teachers and ``vmap`` (True) or loop (False).
+        fast: the fast path (:mod:`.fused`: folded BatchNorm, channels-last, one gather of
+            the bank per group) or the plain per-teacher loop (False, the yardstick).
     """
 
     def __init__(self, teachers: Sequence[Teacher], bank: DatasetInfo, priors: InversionParams,
-                 batched: bool = True):
+                 fast: bool = True):
         self.teachers = list(teachers)
         for t in self.teachers:
             t.model.eval().requires_grad_(False)
         self.bank_mean = torch.tensor(bank.mean).view(3, 1, 1)
         self.bank_std = torch.tensor(bank.std).view(3, 1, 1)
+        self.bank_norm = (tuple(bank.mean), tuple(bank.std))  # Python floats, compared exactly
         self.bank_size = bank.image_size
         self.weights = {"ce": 1.0, "bn": priors.bn, "tv": priors.tv, "l2": priors.l2}
-        self.batched = batched
+        self.fast = fast
         self.autocast_bf16 = priors.bf16
         keys: dict[tuple, list[int]] = {}
         for i, t in enumerate(self.teachers):
             keys.setdefault((t.arch, t.image_size, len(t.classes), t.mean, t.std), []).append(i)
         self.groups = [_Group(self.teachers, m) for m in keys.values()]
+        self.to(self.bank_mean.device)
 
-    def to(self, device: torch.device) -> InversionLoss:
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> InversionLoss:
+        """Move (and with ``dtype`` convert) the teachers; the fast path's scorers are rebuilt."""
         for t in self.teachers:
-            t.model.to(device)
+            t.model.to(device=device, dtype=dtype)
             t.classes = t.classes.to(device)
-        self.groups = [g.to(device) for g in self.groups]
-        self.bank_mean, self.bank_std = self.bank_mean.to(device), self.bank_std.to(device)
+        for g in self.groups:
+            g.classes = g.classes.to(device)
+            g.scorers = [scorer(self.teachers[i].model) for i in g.members] if self.fast else []
+        self.bank_mean = self.bank_mean.to(device=device, dtype=dtype)
+        self.bank_std = self.bank_std.to(device=device, dtype=dtype)
         return self
 
     def _to_teacher_space(self, x: torch.Tensor, size: int, mean: Sequence[float],
@@ -153,19 +155,22 @@ class InversionLoss:
             lead = x.shape[:-3]
             x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(size, size), mode="bilinear",
                               align_corners=False).reshape(*lead, 3, size, size)
-        if tuple(mean) != tuple(self.bank_mean.flatten().tolist()) or tuple(std) != tuple(
-                self.bank_std.flatten().tolist()):
-            t_mean = torch.tensor(mean, device=x.device).view(3, 1, 1)
-            t_std = torch.tensor(std, device=x.device).view(3, 1, 1)
+        if self.fast:
+            renormalise = (tuple(mean), tuple(std)) != self.bank_norm
+        else:  # the plain path as it was: float32 statistics never equal the Python floats
+            renormalise = tuple(mean) != tuple(self.bank_mean.flatten().tolist()) or tuple(std) != tuple(
+                self.bank_std.flatten().tolist())
+        if renormalise:
+            t_mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
+            t_std = torch.tensor(std, device=x.device, dtype=x.dtype).view(3, 1, 1)
             x = ((x * self.bank_std + self.bank_mean) - t_mean) / t_std
         return x
 
-    def _terms(self, model: nn.Module, params: dict, buffers: dict, x: torch.Tensor, *,
-               bn_keys: list[str], y: torch.Tensor) -> torch.Tensor:
-        """The four unweighted terms (4,) of one teacher on its images x (n, 3, s, s)."""
-        with capture_bn_inputs(model) as feats, torch.autocast(
-                x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16 and x.is_cuda):
-            logits = functional_call(model, (params, buffers), (x,))
+    def _terms(self, model: nn.Module, x: torch.Tensor, *, bn_keys: list[str], y: torch.Tensor) -> torch.Tensor:
+        """The plain path: the four unweighted terms (4,) of one teacher on its images x (n, 3, s, s)."""
+        buffers = dict(model.named_buffers())
+        with capture_bn_inputs(model) as feats, self._autocast(x):
+            logits = model(x)
         ce = F.cross_entropy(at_least_fp32(logits), y)
         bn = x.new_zeros(())
         for key, f in zip(bn_keys, feats, strict=True):
@@ -175,6 +180,25 @@ class InversionLoss:
             bn = bn + (mu - buffers[f"{key}.running_mean"]).norm() + (var - buffers[f"{key}.running_var"]).norm()
         return torch.stack([ce, bn, total_variation(x), x.norm()])
 
+    def _autocast(self, x: torch.Tensor) -> torch.autocast:
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16 and x.is_cuda)
+
+    def _group_terms(self, g: _Group, rows: list[int], bank: torch.Tensor, shift: tuple[int, int],
+                     y: torch.Tensor) -> torch.Tensor:
+        """The fast path: the four terms (4,) summed over the group's teachers at ``rows``."""
+        cls = g.classes if len(rows) == len(g.members) else g.classes[rows]
+        x = bank[cls].flatten(1, 2)  # (T, k·P, 3, S, S): one gather for the group
+        x = jitter(self._to_teacher_space(x, g.image_size, g.mean, g.std), *shift)
+        ce, bn = x.new_zeros(()), x.new_zeros(())
+        # channels-last once for the group: each teacher's chunk is then channels-last contiguous
+        chunks = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).split(x.shape[1])
+        with self._autocast(x):
+            for j, xj in zip(rows, chunks, strict=True):
+                logits, bn_j = g.scorers[j](xj)
+                ce = ce + F.cross_entropy(at_least_fp32(logits), y)
+                bn = bn + at_least_fp32(bn_j)
+        return torch.stack([ce, bn, GroupTotalVariation.apply(x), x.flatten(1).norm(dim=1).sum()])
+
     def __call__(self, bank: torch.Tensor, shift: tuple[int, int],
                  chosen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Weighted loss summed over teachers, and each unweighted term summed over teachers.
@@ -182,7 +206,7 @@ class InversionLoss:
         Args:
             bank: (C, P, 3, S, S) bank images (live, so gradients reach them).
             shift: jitter (dx, dy) applied to every teacher's images this update.
-            chosen: indices of the teachers used this update (``candidate_size``); None = all.
+            chosen: indices (a host tensor) of the teachers used this update; None = all.
 
         Returns:
             ``{"loss": weighted sum, "ce": ..., "bn": ..., "tv": ..., "l2": ...}`` (0-dim tensors).
@@ -191,27 +215,18 @@ class InversionLoss:
         sums = bank.new_zeros(len(TERMS))
         per_class = bank.shape[1]
         for g in self.groups:
-            rows = [j for j, i in enumerate(g.members) if use is None or i in use]
+            rows = g.rows(use)
             if not rows:
                 continue
-            k = g.classes.shape[1]
-            y = torch.arange(k, device=bank.device).repeat_interleave(per_class)
-            if self.batched:
-                sel = torch.tensor(rows, device=bank.device)
-                params = {n: v[sel] for n, v in g.params.items()}
-                buffers = {n: v[sel] for n, v in g.buffers.items()}
-                x = bank[g.classes[sel]].flatten(1, 2)  # (T, k·P, 3, S, S)
-                x = jitter(self._to_teacher_space(x, g.image_size, g.mean, g.std), *shift)
-                terms = vmap(partial(self._terms, g.base, bn_keys=g.bn_keys, y=y))(params, buffers, x)
-                sums = sums + terms.sum(0)
-            else:
-                for j in rows:
-                    t = self.teachers[g.members[j]]
-                    x = bank[t.classes].flatten(0, 1)
-                    x = jitter(self._to_teacher_space(x, t.image_size, t.mean, t.std), *shift)
-                    params = {n: p.detach() for n, p in t.model.named_parameters()}
-                    buffers = dict(t.model.named_buffers())
-                    sums = sums + self._terms(t.model, params, buffers, x, bn_keys=g.bn_keys, y=y)
+            y = torch.arange(g.classes.shape[1], device=bank.device).repeat_interleave(per_class)
+            if self.fast:
+                sums = sums + self._group_terms(g, rows, bank, shift, y)
+                continue
+            for j in rows:
+                t = self.teachers[g.members[j]]
+                x = bank[t.classes].flatten(0, 1)
+                x = jitter(self._to_teacher_space(x, t.image_size, t.mean, t.std), *shift)
+                sums = sums + self._terms(t.model, x, bn_keys=g.bn_keys, y=y)
         out = {name: sums[i] for i, name in enumerate(TERMS)}
         out["loss"] = sum(self.weights[n] * out[n] for n in TERMS)
         return out

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..models.backbones import fast_forward
 from .tasks import TaskBatch
 
 Weights = dict[str, torch.Tensor]
@@ -50,6 +51,11 @@ class MetaLearner:
         inner_steps, inner_lr: SGD steps and step size of the inner loop.
         first_order: drop second-order terms (MAML's ``approx``); test-time adaptation
             uses detached meta-parameters, so it builds no graph at all.
+
+    Attributes:
+        fast: task losses run the model's fast forward
+            (:func:`~purer_mlops.models.backbones.fast_forward`: native batch norm, max-pool
+            before ReLU); False: the plain one. Channels-last did not pay here (small batches).
     """
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False):
@@ -57,6 +63,7 @@ class MetaLearner:
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
         self.first_order = first_order
+        self.fast = False
 
     def logits(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, way) of images x (B, 3, S, S) under ``weights``."""
@@ -88,7 +95,8 @@ class MetaLearner:
     def task_loss(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                   yq: torch.Tensor, way: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy and accuracy (both 0-dim) of one task after adaptation."""
-        logits = self.query_logits(weights, xs, ys, xq, way)
+        with fast_forward(self.fast):
+            logits = self.query_logits(weights, xs, ys, xq, way)
         acc = (logits.argmax(dim=1) == yq).float().mean()
         return F.cross_entropy(logits, yq), acc
 

@@ -1,0 +1,161 @@
+"""The fast path's teacher scoring: one frozen teacher's logits and its BatchNorm-statistics term.
+
+The plain path (:class:`~.inversion.InversionLoss` with ``fast=False``) runs the teacher module
+as it is and reduces the captured BatchNorm inputs in two passes. Here, for the same numbers:
+
+- **Channels-last.** Images and convolution weights are channels-last (NHWC): on CPU a
+  3×3 convolution at these sizes runs about twice as fast, max-pooling about ten times.
+- **Folded BatchNorm (conv4).** A teacher is in eval mode, so BN(conv(x)) is one convolution
+  with w' = w·s and b' = (b − μ)·s + β, s = γ/√(σ² + ε). The BN-statistics term needs the
+  statistics of the BN *input* z = conv(x); with y = z·s + (β − μ·s) the folded output,
+  mean(z) − μ = (mean(y) − β)/s and var(z) = var(y)/s², so one convolution serves both.
+- **One-pass statistics.** Mean and variance from the sum and the sum of squares, in one
+  read of the activation (the folded output is close to standardised, so E[y²] − E[y]² does
+  not cancel badly); autograd differentiates it exactly.
+- **Max-pool before ReLU** (equal: ReLU is monotone), so ReLU touches a quarter of the values.
+
+Other architectures (resnet10/18/12) run their module on channels-last inputs and weights,
+with the statistics of the captured BatchNorm inputs taken in one fused ``var_mean``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..models.backbones import Classifier, Conv4, capture_bn_inputs
+
+CL = torch.channels_last
+
+
+def _rows(y: torch.Tensor) -> torch.Tensor:
+    """y (N, C, H, W) as rows (N·H·W, C): a view for channels-last y, a copy otherwise."""
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+class BatchStats(torch.autograd.Function):
+    """Per-channel mean and (biased) variance (C,) of y (N, C, H, W) from Σy and Σy².
+
+    The backward is one fused pass, ∂/∂y = ḡ_μ/n + 2·ḡ_σ²·(y − μ)/n, where autograd would
+    take several; it is first order only (the inversion never differentiates it twice).
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = _rows(y)
+        n = flat.shape[0]
+        mean = flat.sum(0) / n
+        ctx.save_for_backward(y, mean)
+        return mean, (flat * flat).sum(0) / n - mean * mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:
+        y, mean = ctx.saved_tensors
+        flat = _rows(y)
+        a = g_var * (2.0 / flat.shape[0])
+        b = g_mean / flat.shape[0] - mean * a
+        n, c, h, w = y.shape  # computed on the (N·H·W, C) rows: the result is channels-last like y
+        return torch.addcmul(b, flat, a).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance (C,) of y (N, C, H, W), in one pass over y."""
+    return BatchStats.apply(y)
+
+
+# The four neighbour differences of total variation, as (minuend, subtrahend) slices of (..., H, W).
+_TV_PAIRS = (((..., slice(None), slice(None, -1)), (..., slice(None), slice(1, None))),
+             ((..., slice(None, -1), slice(None)), (..., slice(1, None), slice(None))),
+             ((..., slice(1, None), slice(None, -1)), (..., slice(None, -1), slice(1, None))),
+             ((..., slice(None, -1), slice(None, -1)), (..., slice(1, None), slice(1, None))))
+
+
+class GroupTotalVariation(torch.autograd.Function):
+    """Σ_t TV(x_t) over the teachers of a group, x (T, n, 3, H, W), TV as :func:`~.inversion.total_variation`.
+
+    The backward adds each difference's D_kᵀ(D_k x/‖D_k x‖) into one gradient buffer; autograd
+    would zero-fill and add a full-size tensor for each of the eight slices.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        diffs = [x[a] - x[b] for a, b in _TV_PAIRS]
+        norms = [d.flatten(1).norm(dim=1) for d in diffs]  # (T,) each
+        ctx.save_for_backward(*diffs, *norms)
+        ctx.shape = x.shape
+        return torch.stack(norms).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        diffs, norms = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
+        gx = diffs[0].new_zeros(ctx.shape)
+        for (a, b), d, norm in zip(_TV_PAIRS, diffs, norms, strict=True):
+            r = d * torch.where(norm > 0, g / norm, 0).view(-1, *[1] * (d.dim() - 1))
+            gx[a] += r
+            gx[b] -= r
+        return gx
+
+
+class FoldedConv4:
+    """A conv4 teacher with each BatchNorm folded into its convolution (weights channels-last).
+
+    Args:
+        model: the teacher (eval mode), a :class:`Classifier` over a :class:`Conv4`.
+    """
+
+    def __init__(self, model: Classifier):
+        convs = [m for m in model.features.body if isinstance(m, nn.Conv2d)]
+        bns = [m for m in model.features.body if isinstance(m, nn.BatchNorm2d)]
+        self.layers = []
+        with torch.no_grad():
+            for conv, bn in zip(convs, bns, strict=True):
+                s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                w = (conv.weight * s.view(-1, 1, 1, 1)).contiguous(memory_format=CL)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                b = (bias - bn.running_mean) * s + bn.bias
+                # (folded weight, folded bias, β, 1/s, running variance)
+                self.layers.append((w, b, bn.bias.clone(), 1.0 / s, bn.running_var.clone()))
+            self.head = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (n, k) of x (n, 3, s, s) and Σ_l ‖μ_l − running_mean_l‖ + ‖σ²_l − running_var_l‖."""
+        x = x.contiguous(memory_format=CL)
+        bn = x.new_zeros(())
+        for w, b, beta, inv_s, running_var in self.layers:
+            y = F.conv2d(x, w, b, padding=1)
+            mean, var = batch_stats(y)
+            bn = bn + ((mean - beta) * inv_s).norm() + (var * inv_s * inv_s - running_var).norm()
+            x = F.relu(F.max_pool2d(y, 2))
+        return F.linear(x.flatten(1), *self.head), bn
+
+
+class ModuleScorer:
+    """Any teacher, run as a module on channels-last inputs and weights (statistics fused)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = {n: p.detach().contiguous(memory_format=CL) if p.dim() == 4 else p.detach()
+                       for n, p in model.named_parameters()}
+        self.stats = [(m.running_mean, m.running_var) for m in model.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (n, k) of x (n, 3, s, s) and the BN-statistics term (0-dim)."""
+        with capture_bn_inputs(self.model) as feats:
+            logits = functional_call(self.model, self.params, (x.contiguous(memory_format=CL),))
+        bn = x.new_zeros(())
+        for (running_mean, running_var), f in zip(self.stats, feats, strict=True):
+            var, mean = torch.var_mean(f.float() if f.dtype == torch.bfloat16 else f, dim=(0, 2, 3), correction=0)
+            bn = bn + (mean - running_mean).norm() + (var - running_var).norm()
+        return logits, bn
+
+
+def scorer(model: nn.Module) -> FoldedConv4 | ModuleScorer:
+    """The fast scorer of a teacher: folded for conv4, the module otherwise."""
+    if isinstance(model, Classifier) and isinstance(model.features, Conv4):
+        return FoldedConv4(model)
+    return ModuleScorer(model)
