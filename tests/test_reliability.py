@@ -719,7 +719,10 @@ def test_cli_stage_that_cannot_write_exits_2_and_keeps_previous_outputs(project:
 
 @pytest.mark.slow
 def test_two_stages_in_one_working_copy_do_not_collide(project_copy: Path) -> None:
-    params = tiny_params(episode_train=24)  # long enough for the second to start meanwhile
+    # 200 meta-iterations with few evaluations: the first must outlive the second's start (a
+    # few seconds of imports) on a fast, idle machine too
+    params = tiny_params(episode_train=400, **{"metatrain.val_interval": 100, "metatrain.image_interval": 100,
+                                                "metatrain.checkpoint_interval": 50})
     write_params_file(project_copy, params)
     first = subprocess.Popen([*PURER, "metatrain", "--quiet"], cwd=project_copy, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
