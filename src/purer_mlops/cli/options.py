@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -76,3 +77,8 @@ def cli() -> None:
     Using the meta-model (docs/adapt.md):
       adapt      SUPPORT/<class>/<image> + QUERY/ → predictions.csv
     """
+
+
+def stage_command(fn: Callable) -> click.Command:
+    """A pipeline stage's command, with the options every stage shares: --root, --params, --quiet."""
+    return click.command()(ROOT(PARAMS(QUIET(fn))))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..paths import Project
-from .options import PARAMS, QUIET, ROOT, echo_json, load
+from .options import echo_json, load, stage_command
 
 
 def register(cli: click.Group) -> None:
@@ -16,10 +16,7 @@ def register(cli: click.Group) -> None:
         cli.add_command(command)
 
 
-@click.command()
-@ROOT
-@PARAMS
-@QUIET
+@stage_command
 @click.option("--dataset", default=None, help="Prepare this dataset instead of params' `dataset` "
               "(e.g. extra pool_datasets).")
 def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: str | None) -> None:
@@ -33,10 +30,7 @@ def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: st
     echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
 
 
-@click.command()
-@ROOT
-@PARAMS
-@QUIET
+@stage_command
 @click.option("--dataset", default=None, help="Write the filelists of this dataset instead.")
 def filelist(project: Project, params_path: Path | None, quiet: bool, dataset: str | None) -> None:
     """Write the filelists data/<dataset>/split/{meta_train,meta_val,meta_test}.csv.
@@ -49,10 +43,7 @@ def filelist(project: Project, params_path: Path | None, quiet: bool, dataset: s
     echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
 
 
-@click.command()
-@ROOT
-@PARAMS
-@QUIET
+@stage_command
 def pretrain(project: Project, params_path: Path | None, quiet: bool) -> None:
     """Train the teacher pool.
 
@@ -73,10 +64,7 @@ def pretrain(project: Project, params_path: Path | None, quiet: bool) -> None:
         teardown(ranks)
 
 
-@click.command()
-@ROOT
-@PARAMS
-@QUIET
+@stage_command
 @click.option("--oracle", is_flag=True, help="Meta-train on the real meta-train images (upper bound).")
 def metatrain(project: Project, params_path: Path | None, quiet: bool, oracle: bool) -> None:
     """Meta-train the PURER meta-model (ECI; EI with `eci: false`).
@@ -104,10 +92,7 @@ def metatrain(project: Project, params_path: Path | None, quiet: bool, oracle: b
         teardown(ranks)
 
 
-@click.command()
-@ROOT
-@PARAMS
-@QUIET
+@stage_command
 def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
     """Meta-test the selected meta-model on fixed, seeded real tasks.
 
@@ -125,10 +110,7 @@ def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
         echo_json(run(params, project, progress=not quiet, tracker=tracker))
 
 
-@click.command()
-@ROOT
-@PARAMS
-@QUIET
+@stage_command
 def compare(project: Project, params_path: Path | None, quiet: bool) -> None:
     """Build the comparison table: `compare.methods` × `compare.shots` on shared test tasks.
 
