@@ -105,7 +105,7 @@ def test_bad_params_exit_2_with_one_line_and_write_nothing(project, command, cha
 
 
 def test_missing_params_file_is_a_clear_error(tmp_path):
-    proc = run_purer(tmp_path, "filelist")
+    proc = run_purer(tmp_path, "filelist", "--quiet")
     _assert_one_line_error(proc, "params.yaml not found")
     assert _files(tmp_path) == []
 
@@ -137,7 +137,7 @@ def test_filelist_with_an_empty_class_folder(project, tiny_glyphs):
     shutil.rmtree(data / "split")
     empty = data / "meta_val" / "zz-empty-class"
     empty.mkdir()
-    proc = run_purer(project, "filelist")
+    proc = run_purer(project, "filelist", "--quiet")
     _assert_one_line_error(proc, "zz-empty-class", "holds no images")
     assert not (data / "split").exists()
     assert not list(data.glob(".split*"))
@@ -148,7 +148,7 @@ def test_failed_filelist_keeps_the_previous_lists(project, tiny_glyphs):
     data = copy_glyphs(tiny_glyphs, project)
     before = {p.name: p.read_bytes() for p in (data / "split").iterdir()}
     shutil.rmtree(data / "meta_test")
-    proc = run_purer(project, "filelist")
+    proc = run_purer(project, "filelist", "--quiet")
     _assert_one_line_error(proc, "meta_test", "purer prepare")
     assert {p.name: p.read_bytes() for p in (data / "split").iterdir()} == before
 

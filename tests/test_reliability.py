@@ -707,7 +707,7 @@ def _limit_file_size() -> None:
 def test_cli_stage_that_cannot_write_exits_2_and_keeps_previous_outputs(project: Path, tiny_glyphs: Path) -> None:
     data = copy_glyphs(tiny_glyphs, project)
     before = {p.name: p.read_bytes() for p in (data / "split").iterdir()}
-    proc = subprocess.run([*PURER, "filelist"], cwd=project, env=ENV, capture_output=True, text=True,
+    proc = subprocess.run([*PURER, "filelist", "--quiet"], cwd=project, env=ENV, capture_output=True, text=True,
                           timeout=120, preexec_fn=_limit_file_size)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

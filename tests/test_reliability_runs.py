@@ -118,7 +118,7 @@ OUTPUT_FOLDER_CASES = [
      ["contains the input", "inbox/reference"]),
     ("prepare-over-a-user-file", _user_file_in("data/glyphs", ["prepare", "--quiet"]),
      ["data/glyphs is not a dataset folder", "notes.txt"]),
-    ("filelist-over-a-user-file", _user_file_in("data/glyphs/split", ["filelist"]),
+    ("filelist-over-a-user-file", _user_file_in("data/glyphs/split", ["filelist", "--quiet"]),
      ["data/glyphs/split is not a filelist folder", "notes.txt"]),
     ("pretrain-over-a-user-file", _user_file_in("models/teachers", ["pretrain", "--quiet"]),
      ["models/teachers is not a teacher pool", "notes.txt"]),
