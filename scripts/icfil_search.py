@@ -147,16 +147,43 @@ def ablations(chosen: dict) -> dict[str, dict]:
     return out
 
 
+def combine(parts: list[Path], out: Path) -> None:
+    """Merge the tables of ``parts`` into ``out`` (and choose again from the merged search table)."""
+    for stem in ("search", "test"):
+        rows: list[dict] = []
+        for part in parts:
+            if (part / f"{stem}.csv").is_file():
+                rows = merged(part, stem, rows)
+        if rows:
+            title = (part / f"{stem}.md").read_text().splitlines()[0].removeprefix("### ")
+            write_rows(out, stem, rows, title)
+            if stem == "search":
+                write_choice(out, rows)
+
+
+def write_choice(out: Path, rows: list[dict]) -> None:
+    """``chosen.json``: the chosen configuration's name and calibration knobs."""
+    name = choose(rows)
+    knobs = next((json.loads(r["knobs"]) for r in rows if r["config"] == name), {})
+    write_json(out / "chosen.json", {"name": name, "calibration": knobs})
+    print(f"chosen: {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("search", "test"))
+    ap.add_argument("mode", choices=("search", "test", "combine"))
     ap.add_argument("--project", type=Path, required=True, help="project holding models/meta/best and data/")
     ap.add_argument("--tasks", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0, help="seed of the fixed meta-val tasks (search)")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--only", nargs="*", help="score only these configurations (search)")
     ap.add_argument("--out", type=Path, default=Path("results/icfil"))
+    ap.add_argument("--parts", type=Path, nargs="*", default=[],
+                    help="combine: folders whose search.csv/test.csv (e.g. one per shot, run in parallel) to merge")
     args = ap.parse_args()
+    if args.mode == "combine":
+        combine(args.parts, args.out)
+        return
     params = load_params("params.yaml")
     project = Project(args.project)
     model, _ = load_model(project.meta.best, "cpu")
@@ -176,10 +203,7 @@ def main() -> None:
     rows = merged(args.out, stem, rows)
     write_rows(args.out, stem, rows, f"{split}, {args.tasks} fixed tasks (seed {seed})")
     if args.mode == "search":
-        name = choose(rows)
-        knobs = next((json.loads(r["knobs"]) for r in rows if r["config"] == name), {})
-        write_json(args.out / "chosen.json", {"name": name, "calibration": knobs})
-        print(f"chosen: {name}")
+        write_choice(args.out, rows)
 
 
 if __name__ == "__main__":
