@@ -97,7 +97,7 @@ def synthesis_terms(weight: str, value: float, steps: int = 10) -> tuple[dict, d
     xs, ys, _, _ = tasks(1, seed=3).task(0)
     adapted = learner.adapt(w, xs, ys)
     noise = 0.5 * torch.randn(WAY * 3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    start = initial_images(xs, ys, WAY, noise)
+    start = initial_images(xs, WAY, noise)
     end = synth.run(w, adapted, xs, ys, noise, WAY)
     return synth.terms(start, w, adapted, xs, ys, WAY), synth.terms(end, w, adapted, xs, ys, WAY)
 
@@ -113,7 +113,7 @@ def test_each_synthesis_term_moves_the_pseudo_images_its_way(weight: str, value:
 
 def test_pseudo_images_start_from_their_class_support_images() -> None:
     xs, ys, _, _ = tasks(1).task(0)
-    start = initial_images(xs, ys, WAY, torch.zeros(WAY * 3, 3, SIZE, SIZE))
+    start = initial_images(xs, WAY, torch.zeros(WAY * 3, 3, SIZE, SIZE))
     # image i of class c is support image i mod SHOT of class c
     assert torch.equal(start[0], xs[0]) and torch.equal(start[1], xs[1]) and torch.equal(start[2], xs[0])
     assert torch.equal(start[3], xs[2]) and torch.equal(start[8], xs[4])

@@ -37,12 +37,13 @@ def pseudo_labels(way: int, per_class: int, device: torch.device) -> torch.Tenso
     return torch.arange(way, device=device).repeat_interleave(per_class)
 
 
-def initial_images(xs: torch.Tensor, ys: torch.Tensor, way: int, noise: torch.Tensor) -> torch.Tensor:
+def initial_images(xs: torch.Tensor, way: int, noise: torch.Tensor) -> torch.Tensor:
     """Start (way·m, 3, S, S): image i of class c is support image i mod K of c plus ``noise`` (way·m, 3, S, S)."""
     m = noise.shape[0] // way
     shot = xs.shape[0] // way
     # Support labels are 0..way-1 in class order, `shot` each (tasks.task_labels).
-    order = torch.arange(way, device=xs.device).repeat_interleave(m) * shot + torch.arange(m, device=xs.device).repeat(way) % shot
+    cls = torch.arange(way, device=xs.device).repeat_interleave(m)
+    order = cls * shot + torch.arange(m, device=xs.device).repeat(way) % shot
     return xs[order] + noise
 
 
@@ -122,7 +123,7 @@ class Synthesis:
     def run(self, base: Weights, adapted: Weights, xs: torch.Tensor, ys: torch.Tensor,
             noise: torch.Tensor, way: int) -> torch.Tensor:
         """Pseudo images (way·m, 3, S, S) after ``inversion_steps`` Adam steps from the noisy support."""
-        x = initial_images(xs, ys, way, noise)
+        x = initial_images(xs, way, noise)
         m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
         b1, b2, lr = 0.9, 0.999, self.cfg.inversion_lr
         for t in range(1, self.cfg.inversion_steps + 1):  # Adam written out: pure, so vmap can run it
