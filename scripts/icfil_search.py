@@ -49,6 +49,15 @@ CONFIGS: dict[str, dict] = {
                             "calibration_lr": 0.05},
     "F4 hard, all": {**HARD, **CHEAP, "calibrate": "all", "calibration_steps": 5,
                      "calibration_lr": 0.02},
+    # second round: F0 and F1 lost 1-3 points at 10 head steps of lr 0.1, so calibrate gently
+    "G2 hard, head, lr 0.03": {**HARD, **CHEAP, "calibrate": "head", "calibration_steps": 5,
+                               "calibration_lr": 0.03, "pseudo_weight": 1.0},
+    "G2 hard, head, w 2": {**HARD, **CHEAP, "calibrate": "head", "calibration_steps": 10,
+                           "calibration_lr": 0.01, "pseudo_weight": 2.0},
+    "G3 hard, last, lr 0.01": {**HARD, **CHEAP, "calibrate": "last", "calibration_steps": 3,
+                               "calibration_lr": 0.01, "pseudo_weight": 1.0},
+    "G4 hard, all, lr 0.005": {**HARD, **CHEAP, "calibrate": "all", "calibration_steps": 3,
+                               "calibration_lr": 0.005, "pseudo_weight": 1.0},
 }
 
 
