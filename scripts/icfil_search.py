@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0, help="seed of the fixed meta-val tasks (search)")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    ap.add_argument("--only", nargs="*", help="score only these configurations (search)")
+    ap.add_argument("--only", nargs="*", help="score only these configurations (or ablation rows)")
     ap.add_argument("--out", type=Path, default=Path("results/icfil"))
     ap.add_argument("--parts", type=Path, nargs="*", default=[],
                     help="combine: folders whose search.csv/test.csv (e.g. one per shot, run in parallel) to merge")
@@ -199,10 +199,10 @@ def main() -> None:
     imageset = load_split(params.dataset, project.dataset(params.dataset), split)
     seed = args.seed if args.mode == "search" else params.metatest.seed
     if args.mode == "search":
-        configs = {k: v for k, v in CONFIGS.items() if not args.only or k in args.only}
+        configs = CONFIGS
     else:
-        chosen = json.loads((args.out / "chosen.json").read_text())["calibration"]
-        configs = ablations(chosen)
+        configs = ablations(json.loads((args.out / "chosen.json").read_text())["calibration"])
+    configs = {k: v for k, v in configs.items() if not args.only or k in args.only}
     rows = []
     for shot in args.shots:
         tasks = fixed_tasks(imageset, args.tasks, params.way_test, shot, params.num_qur_test, seed=seed)
