@@ -58,6 +58,12 @@ CONFIGS: dict[str, dict] = {
                                "calibration_lr": 0.01, "pseudo_weight": 1.0},
     "G4 hard, all, lr 0.005": {**HARD, **CHEAP, "calibrate": "all", "calibration_steps": 3,
                                "calibration_lr": 0.005, "pseudo_weight": 1.0},
+    # third round: at inversion lr 0.1 Adam moves every pixel by up to 0.5 (normalised units) in
+    # 5 steps, more than the fidelity term holds: pseudo images that stay in their class need less
+    "H2 hard, head, inv lr 0.01": {**HARD, **CHEAP, "inversion_lr": 0.01, "calibrate": "head",
+                                   "calibration_steps": 10, "calibration_lr": 0.01, "pseudo_weight": 2.0},
+    "H4 hard, all, inv lr 0.01": {**HARD, **CHEAP, "inversion_lr": 0.01, "calibrate": "all",
+                                  "calibration_steps": 3, "calibration_lr": 0.005, "pseudo_weight": 1.0},
 }
 
 
