@@ -107,14 +107,30 @@ class MetatestParams:
 
 @dataclass(frozen=True)
 class CalibrationParams:
-    """ICFIL knobs (used when ``icfil`` is on); see docs/icfil.md."""
+    """ICFIL knobs (used when ``icfil`` is on); see docs/icfil.md. Defaults: chosen on meta-val
+    (``scripts/icfil_search.py``, configuration G3 of docs/icfil.md)."""
 
-    images_per_class: int = knob(4, "ICFIL pseudo images synthesised per class of the task", METATEST, ge=1)
-    inversion_steps: int = knob(15, "ICFIL Adam steps inverting the adapted model", METATEST, ge=1)
+    images_per_class: int = knob(2, "ICFIL pseudo images synthesised per class of the task", METATEST, ge=1)
+    init_noise: float = knob(0.5, "std of the Gaussian noise added to the support images that start the pseudo "
+                             "images", METATEST, ge=0.0)
+    inversion_steps: int = knob(5, "ICFIL Adam steps synthesising the pseudo images (0: noisy support copies)",
+                                METATEST, ge=0)
     inversion_lr: float = knob(0.1, "ICFIL inversion learning rate", METATEST, gt=0.0)
-    calibration_steps: int = knob(5, "ICFIL head-calibration steps on support + pseudo data", METATEST, ge=0)
+    hard_weight: float = knob(1.0, "weight of the hardness term: the adapted model's probability of the pseudo "
+                              "image's class (> 0 pushes pseudo images to be hard; < 0 to be confirmed)", METATEST)
+    feature_weight: float = knob(1.0, "weight of the fidelity term: distance of each pseudo image to its class's "
+                                 "support mean in the embedding of the meta-model before adaptation", METATEST,
+                                 ge=0.0)
+    diversity_weight: float = knob(0.5, "weight of the diversity term: mean cosine similarity between pseudo "
+                                   "images of one class", METATEST, ge=0.0)
+    bn_weight: float = knob(0.1, "weight of the BatchNorm prior: distance of the pseudo images' per-layer "
+                            "statistics to the real support's", METATEST, ge=0.0)
+    calibrate: str = knob("last", "what the calibration trains: `head`, `last` (head and the last block from its "
+                          "last convolution on) or `all` (every weight)", METATEST,
+                          choices=("head", "last", "all"))
+    calibration_steps: int = knob(3, "ICFIL calibration SGD steps on support + pseudo data", METATEST, ge=0)
     calibration_lr: float = knob(0.01, "ICFIL calibration learning rate", METATEST, gt=0.0)
-    pseudo_weight: float = knob(0.5, "weight of the pseudo data in the calibration loss", METATEST, ge=0.0)
+    pseudo_weight: float = knob(1.0, "weight of the pseudo data in the calibration loss", METATEST, ge=0.0)
 
 
 @dataclass(frozen=True)

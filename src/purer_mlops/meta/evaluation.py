@@ -18,8 +18,8 @@ from ..data.dataset import ImageSet, TaskIndices
 from .learners import MetaLearner, Weights
 from .tasks import TaskBatch, stack_tasks
 
-# predict(weights, xs, ys, xq, way) -> query logits (Q, way) of one task
-Predictor = Callable[[Weights, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# predict(weights, tasks) -> query logits (T, Q, way) of the T tasks (ICFIL.batch)
+Predictor = Callable[[Weights, TaskBatch], torch.Tensor]
 
 
 def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predict: Predictor | None
@@ -28,8 +28,7 @@ def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predic
     if predict is None:
         with torch.no_grad():
             return learner.batch_loss(weights, tasks, batched=True)[1]
-    return torch.stack([(predict(weights, xs, ys, xq, tasks.way).argmax(1) == yq).float().mean()
-                        for xs, ys, xq, yq in (tasks.task(i) for i in range(len(tasks)))])
+    return (predict(weights, tasks).argmax(2) == tasks.yq).float().mean(1)
 
 
 def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
@@ -37,8 +36,8 @@ def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
                     predict: Predictor | None = None) -> torch.Tensor:
     """Accuracy (in [0, 1]) of the adapted meta-model on each task; shape (len(tasks),).
 
-    ``predict`` replaces the learner's own adaptation for one task (ICFIL uses it); without
-    it, tasks run ``chunk`` at a time under ``vmap``.
+    ``predict`` replaces the learner's own adaptation (ICFIL uses it); either way, tasks run
+    ``chunk`` at a time under ``vmap``.
     """
     device = next(iter(weights.values())).device
     weights = {k: v.detach() for k, v in weights.items()}

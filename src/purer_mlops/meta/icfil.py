@@ -1,94 +1,118 @@
 """ICFIL: inversion calibration following the inner loop (test time only).
 
 The paper adds, after the inner loop, a step that narrows the gap between the pseudo tasks
-of meta-training and the real task at hand by inversion, and calibrates the linear head.
-No public code implements it; this is our formulation (equations in docs/icfil.md):
+of meta-training and the real task at hand by inversion, and calibrates the adapted model
+and its head. No public code implements it; this is our formulation (docs/icfil.md):
 
-1. Adapt: θ' = inner loop of θ on the support S = {(x_j, y_j)}.
-2. Invert θ': for each class c, ``m`` pseudo images X̂_c start from the class's support
-   images plus Gaussian noise and minimise, for ``inversion_steps`` Adam steps,
-
-       L_inv = CE(f_θ'(X̂), ŷ) + Σ_c ||mean φ_θ'(X̂_c) − mean φ_θ'(S_c)||² / D
-               + a_tv · TV(X̂) + a_l2 · ||X̂||₂
-
-   (φ = embedding, D its size): task-specific pseudo data the adapted model recognises,
-   anchored at the support's class means.
-3. Calibrate: MAML/ANIL take ``calibration_steps`` SGD steps on the head (the linear
-   classifier) on CE(S) + w · CE(X̂); ProtoNet re-estimates each prototype as the weighted
-   mean of support and pseudo embeddings (weight w per pseudo image).
+1. Adapt: θ' = inner loop of θ on the support S.
+2. Synthesise pseudo images X̂ for the task's classes (:mod:`.icfil_synthesis`): noisy
+   copies of the support moved to be hard for θ', faithful to the class in the embedding of
+   θ (before adaptation), diverse, and with the support's BatchNorm statistics.
+3. Calibrate: ``calibration_steps`` SGD steps on CE(S) + w · CE(X̂) over the head, the last
+   block too, or every weight (``calibrate``); ProtoNet re-estimates each prototype as the
+   weighted mean of support and pseudo embeddings.
 4. Predict the query with the calibrated model.
+
+The tasks of a batch run together under ``vmap`` (:meth:`ICFIL.batch`); ``ICFIL(...)(weights,
+xs, ys, xq, way)`` is the same for one task.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad
+from torch.func import grad, vmap
 
 from ..config import CalibrationParams, InversionParams
-from .inversion import total_variation
-from .learners import MetaLearner, ProtoNet, Weights, prototype_logits, prototypes
+from .icfil_synthesis import Synthesis, class_means, pseudo_labels
+from .learners import MetaLearner, ProtoNet, Weights, prototype_logits
+from .tasks import TaskBatch
+
+
+def calibrated_keys(weights: Weights, scope: str) -> list[str]:
+    """Names of the weights ``scope`` calibrates: ``head``, ``last`` (head + last block) or ``all``."""
+    names = list(weights)
+    if scope == "all":
+        return names
+    head = [k for k in names if k.startswith("head.")]
+    if scope == "head":
+        return head
+    # The last block starts at the last convolution (4-d weight) of the feature extractor.
+    convs = [i for i, k in enumerate(names) if k.startswith("features.") and weights[k].dim() == 4]
+    return [k for k in names[convs[-1]:] if not k.startswith("head.")] + head if convs else head
 
 
 class ICFIL:
-    """Callable ``(params, xs, ys, xq, way) -> query logits (Q, way)`` for one task."""
+    """Calibrated query logits after the inner loop, for one task or a batch of tasks.
+
+    Args:
+        learner: the meta-learner (its ``adapt`` is the inner loop).
+        cfg: the ``calibration`` knobs; priors: ``inversion.tv`` and ``inversion.l2`` are reused.
+        seed: seeds the noise that starts the pseudo images (ICFIL is deterministic).
+    """
 
     def __init__(self, learner: MetaLearner, cfg: CalibrationParams, priors: InversionParams, seed: int):
         self.learner = learner
         self.cfg = cfg
-        self.priors = priors
+        self.synthesis = Synthesis(learner, cfg, priors)
         self.seed = seed
 
-    def invert(self, adapted: Weights, xs: torch.Tensor, ys: torch.Tensor, way: int,
-               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pseudo images (way·m, 3, S, S) and their labels (way·m,) inverted from the adapted model."""
-        m = self.cfg.images_per_class
-        learner = self.learner
-        with torch.no_grad():
-            anchors = torch.stack([learner.embed(adapted, xs)[ys == c].mean(0) for c in range(way)])
-            starts = torch.stack([xs[ys == c][torch.arange(m) % int((ys == c).sum())] for c in range(way)])
-            x = (starts + 0.5 * torch.randn(starts.shape, generator=gen).to(xs.device)).flatten(0, 1)
-        y = torch.arange(way, device=xs.device).repeat_interleave(m)
-
-        def loss(x_hat: torch.Tensor) -> torch.Tensor:
-            # Forward support and pseudo images together: the meta-model's BatchNorm uses batch
-            # statistics, and a batch that contains real images keeps them realistic.
-            z = learner.embed(adapted, torch.cat([xs, x_hat]))[len(xs):]
-            logits = F.linear(z, adapted["head.weight"], adapted["head.bias"])
-            centre = z.view(way, m, -1).mean(1)
-            return (F.cross_entropy(logits, y) + (centre - anchors).pow(2).sum(1).mean() / z.shape[1]
-                    + self.priors.tv * total_variation(x_hat) + self.priors.l2 * x_hat.norm())
-
-        m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
-        b1, b2, lr = 0.9, 0.999, self.cfg.inversion_lr
-        for t in range(1, self.cfg.inversion_steps + 1):  # Adam, written out so it needs no autograd state
-            g = grad(loss)(x)
-            m1, m2 = b1 * m1 + (1 - b1) * g, b2 * m2 + (1 - b2) * g * g
-            x = x - lr * (m1 / (1 - b1**t)) / ((m2 / (1 - b2**t)).sqrt() + 1e-8)
-        return x.detach(), y
-
-    def __call__(self, params: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
-                 way: int) -> torch.Tensor:
-        learner, cfg = self.learner, self.cfg
+    def noise(self, tasks: int, way: int, like: torch.Tensor) -> torch.Tensor:
+        """Seeded starting noise (tasks, way·m, 3, S, S) for support images like (…, 3, S, S)."""
         gen = torch.Generator().manual_seed(self.seed)
-        adapted = learner.adapt(params, xs, ys)
-        x_hat, y_hat = self.invert(adapted, xs, ys, way, gen)
-        if isinstance(learner, ProtoNet):
-            with torch.no_grad():
-                zs, zp, zq = (learner.embed(adapted, v) for v in (xs, x_hat, xq))
-                w = torch.cat([torch.ones(len(zs)), torch.full((len(zp),), cfg.pseudo_weight)]).to(zs)
-                return prototype_logits(zq, prototypes(torch.cat([zs, zp]), torch.cat([ys, y_hat]), way, w))
-        with torch.no_grad():
-            zs, zp = learner.embed(adapted, xs), learner.embed(adapted, x_hat)
-        head = {k: v for k, v in adapted.items() if k.startswith("head.")}
+        shape = (tasks, way * self.cfg.images_per_class, *like.shape[-3:])
+        return (self.cfg.init_noise * torch.randn(shape, generator=gen)).to(like)
 
-        def calib_loss(h: Weights) -> torch.Tensor:
-            ls = F.cross_entropy(F.linear(zs, h["head.weight"], h["head.bias"]), ys)
-            lp = F.cross_entropy(F.linear(zp, h["head.weight"], h["head.bias"]), y_hat)
-            return ls + cfg.pseudo_weight * lp
+    def calibrate(self, adapted: Weights, xs: torch.Tensor, ys: torch.Tensor, x_hat: torch.Tensor,
+                  way: int) -> Weights:
+        """θ' after ``calibration_steps`` SGD steps on CE(S) + w·CE(X̂) over the ``calibrate`` scope."""
+        cfg, learner, n = self.cfg, self.learner, len(xs)
+        y = torch.cat([ys, pseudo_labels(way, len(x_hat) // way, xs.device)])
+        weight = torch.cat([torch.ones(n), torch.full((len(x_hat),), cfg.pseudo_weight)]).to(xs) / n
+        keys = calibrated_keys(adapted, cfg.calibrate)
+        if cfg.calibrate == "head":  # the embeddings do not move: compute them once
+            z = learner.embed(adapted, torch.cat([xs, x_hat]))
 
+            def loss(fast: Weights) -> torch.Tensor:
+                logits = F.linear(z, fast["head.weight"], fast["head.bias"])
+                return (F.cross_entropy(logits, y, reduction="none") * weight).sum()
+        else:
+            def loss(fast: Weights) -> torch.Tensor:
+                logits = learner.logits({**adapted, **fast}, torch.cat([xs, x_hat]))
+                return (F.cross_entropy(logits, y, reduction="none") * weight).sum()
+
+        fast = {k: adapted[k] for k in keys}
         for _ in range(cfg.calibration_steps):
-            g = grad(calib_loss)(head)
-            head = {k: head[k] - cfg.calibration_lr * g[k] for k in head}
-        with torch.no_grad():
-            return learner.logits({**adapted, **head}, xq)
+            g = grad(loss)(fast)
+            fast = {k: fast[k] - cfg.calibration_lr * g[k] for k in fast}
+        return {**adapted, **fast}
+
+    def task(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+             noise: torch.Tensor, way: int) -> torch.Tensor:
+        """Calibrated query logits (Q, way) of one task; noise (way·m, 3, S, S) starts its pseudo images."""
+        learner = self.learner
+        adapted = learner.adapt(weights, xs, ys)
+        x_hat = self.synthesis.run(weights, adapted, xs, ys, noise, way)
+        if isinstance(learner, ProtoNet):
+            z = learner.embed(adapted, torch.cat([xs, x_hat]))
+            shot, m, w = len(xs) // way, len(x_hat) // way, self.cfg.pseudo_weight
+            protos = (class_means(z[:len(xs)], way) * shot + class_means(z[len(xs):], way) * w * m) / (shot + w * m)
+            return prototype_logits(learner.embed(adapted, xq), protos)
+        return learner.logits(self.calibrate(adapted, xs, ys, x_hat, way), xq)
+
+    def batch(self, weights: Weights, tasks: TaskBatch) -> torch.Tensor:
+        """Calibrated query logits (T, Q, way) of the T tasks of ``tasks``, run together with ``vmap``."""
+        weights = {k: v.detach() for k, v in weights.items()}
+        noise = self.noise(len(tasks), tasks.way, tasks.xs)
+
+        def one(xs, ys, xq, eps):
+            return self.task(weights, xs, ys, xq, eps, tasks.way)
+
+        with torch.no_grad():  # torch.func.grad inside still differentiates; nothing else builds a graph
+            return vmap(one, randomness="same")(tasks.xs, tasks.ys, tasks.xq, noise)
+
+    def __call__(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                 way: int) -> torch.Tensor:
+        """Calibrated query logits (Q, way) of one task: support xs (S, 3, H, W), ys (S,), query xq."""
+        tasks = TaskBatch(xs[None], ys[None], xq[None], ys.new_zeros((1, len(xq))), way)
+        return self.batch(weights, tasks)[0]

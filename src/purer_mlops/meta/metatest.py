@@ -39,7 +39,7 @@ def score(params: Params, model: torch.nn.Module, test: ImageSet, tasks: list[Ta
           icfil: bool = False, progress: bool = False) -> torch.Tensor:
     """Per-task accuracies (in [0, 1]) of ``model`` adapted with the test-time settings."""
     learner = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr)
-    predict = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed) if icfil else None
+    predict = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed).batch if icfil else None
     return task_accuracies(learner, dict(model.named_parameters()), test, tasks, progress=progress,
                            predict=predict)
 
