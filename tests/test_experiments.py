@@ -82,6 +82,25 @@ def test_repro_and_a_sweep_are_two_complete_runs_in_one_store(repo):
         assert "test_accuracy" in children[0].data.metrics
 
 
+def test_an_experiment_run_logs_its_model_and_its_inputs_with_dvc_hashes(repo):
+    """`dvc exp run`: the selected model is a logged model linked to its metrics; the pool and
+    meta_val are run inputs carrying the hashes DVC recorded for them."""
+    import yaml
+
+    root = repo["root"]
+    client = client_for(root)
+    (run,) = [r for r in metatrain_runs(root) if r.data.params["adv_scale"] == "0.5"]
+    models = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+              if m.source_run_id == run.info.run_id]
+    assert [m.name for m in models] == ["meta_model"]
+    assert {"best_val_accuracy", "test_accuracy"} <= {m.key for m in models[0].metrics}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    teachers = {o["path"]: o["md5"] for o in lock["pretrain"]["outs"]}["models/teachers"]
+    meta_val = {o["path"]: o["md5"] for o in lock["prepare"]["outs"]}["data/glyphs/meta_val"]
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests == {"teachers": teachers, "glyphs/meta_val": meta_val}
+
+
 def test_a_default_experiment_run_warns_about_nothing(repo):
     # compare/dvc.yaml's models/compare, cached but never produced, made every run warn
     assert "WARNING" not in repo["exp_err"], repo["exp_err"]
