@@ -118,14 +118,15 @@ def run_url(ui: str, store: dict, tab: str = "") -> str:
 
 
 def test_run_page_lists_val_accuracy_and_the_logged_model(ui, store, browser, shots):
-    page_text(browser, run_url(ui, store), "val_accuracy", "Logged models", "meta_model")
+    text = page_text(browser, run_url(ui, store), "val_accuracy", "Logged models", "meta_model")
+    assert "Training runs" in text  # the experiment is marked as model training
     browser.save_screenshot(str(shots / "mlflow-run.png"))
 
 
 def test_model_metrics_tab_draws_the_curve_and_the_bank_images(ui, store, browser, shots):
     browser.set_window_size(1400, 3600)  # the tab draws only the charts in view: all of them
     page_text(browser, run_url(ui, store, "/model-metrics"), "val_accuracy", "bank")
-    WebDriverWait(browser, 60).until(
+    assert WebDriverWait(browser, 60).until(
         lambda d: any(img.get_attribute("src").startswith(("data:image/png", "blob:", "http"))
                       and img.size["width"] > 50 for img in d.find_elements(By.CSS_SELECTOR, "img")))
     browser.save_screenshot(str(shots / "mlflow-metrics.png"))
