@@ -168,7 +168,7 @@ def run_purer(root: Path, *args: str, timeout: float = 600,
                env=env)
 
 
-def one_error_line(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+def check_one_error_line(proc: subprocess.CompletedProcess[str], *words: str) -> str:
     """A CLI run that exited 2 with one ``error: ...`` line holding every word; returns the line."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     lines = proc.stderr.strip().splitlines()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUERY, adapt_params, adapt_raw, lay_out_task, one_error_line, run_purer, write_yaml
+from conftest import QUERY, adapt_params, adapt_raw, check_one_error_line, lay_out_task, run_purer, write_yaml
 from PIL import Image
 
 from purer_mlops.meta import metatest
@@ -150,5 +150,5 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(adapt_project: Path, t
     out_file = tmp_path / "p.csv"
     proc = run_purer(adapt_project, "adapt", str(support), str(query), "--model", str(models / "best"), "--out",
                      str(out_file), "--quiet")
-    one_error_line(proc, *words)
+    check_one_error_line(proc, *words)
     assert not out_file.exists()

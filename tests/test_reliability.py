@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, copy_glyphs, one_error_line, random_pool, set_key, small_glyphs, tool_env, write_params
+from conftest import REPO, check_one_error_line, copy_glyphs, random_pool, set_key, small_glyphs, tool_env, write_params
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 from standins import write_seed_folder
@@ -235,7 +235,7 @@ def test_prepare_refuses_a_raw_file_that_is_not_an_image(project: Path) -> None:
     write_params(project, dataset="miniimagenet")
     proc = subprocess.run([*PURER, "prepare", "--quiet"], cwd=project, env=ENV, capture_output=True, text=True,
                           timeout=120)
-    one_error_line(proc, str(page.relative_to(project)), "not an image")
+    check_one_error_line(proc, str(page.relative_to(project)), "not an image")
     assert not (project / "data" / "miniimagenet").exists()  # nothing prepared
     page.unlink()  # control: the same folder without it is prepared
     proc = subprocess.run([*PURER, "prepare", "--quiet"], cwd=project, env=ENV, capture_output=True, text=True,
@@ -362,7 +362,7 @@ PARAMS_FILE_CASES = [
 def test_params_file_refused_by_purer_params(tmp_path: Path, text: str, words: list[str]) -> None:
     (tmp_path / "params.yaml").write_text(text)
     proc = subprocess.run([*PURER, "params"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
-    one_error_line(proc, *words)
+    check_one_error_line(proc, *words)
 
 
 def test_params_file_control_is_accepted(tmp_path: Path) -> None:

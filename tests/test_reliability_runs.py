@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line, random_pool, small_glyphs, tiny_raw, tool_env, write_params, write_yaml
+from conftest import check_one_error_line, random_pool, small_glyphs, tiny_raw, tool_env, write_params, write_yaml
 
 from purer_mlops.models.backbones import build_backbone
 
@@ -132,7 +132,7 @@ OUTPUT_FOLDER_CASES = [
 def test_a_folder_the_command_did_not_write_is_refused(project: Path, setup, words: list[str]) -> None:
     command, kept = setup(project)
     before = snapshot(kept)
-    one_error_line(purer(project, *command), *words)
+    check_one_error_line(purer(project, *command), *words)
     assert snapshot(kept) == before
 
 
@@ -200,7 +200,7 @@ def test_model_files_get_the_usual_mode(trained: Path) -> None:
 def test_card_naming_another_backbone_is_named(project: Path) -> None:
     card = project / "models" / "meta" / "best.json"
     card.write_text(json.dumps({**json.loads(card.read_text()), "backbone": "resnet18"}))
-    one_error_line(purer(project, "metatest", "--quiet"), "best.json says backbone resnet18", "weights are conv4")
+    check_one_error_line(purer(project, "metatest", "--quiet"), "best.json says backbone resnet18", "weights are conv4")
 
 
 def test_a_new_run_killed_early_leaves_models_metatest_refuses(project: Path) -> None:
@@ -211,7 +211,7 @@ def test_a_new_run_killed_early_leaves_models_metatest_refuses(project: Path) ->
     wait_for(first_image.is_file, proc)  # the new run validated its start and wrote it as best
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    one_error_line(purer(project, "metatest", "--quiet"), "models/meta", "has not finished", "purer metatrain")
+    check_one_error_line(purer(project, "metatest", "--quiet"), "models/meta", "has not finished", "purer metatrain")
     write_params(project, {"episode_train": 12})  # control: a finished run's models are tested
     for command in (["metatrain", "--quiet"], ["metatest", "--quiet"]):
         done = purer(project, *command)

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import new_project, one_error_line, tool_env
+from conftest import check_one_error_line, new_project, tool_env
 
 PURER = [sys.executable, "-m", "purer_mlops"]
 NO_MODEL = "meta-model"  # the error of a stage whose tracking worked: the model is missing
@@ -47,10 +47,10 @@ def test_a_moved_project_does_not_write_to_its_old_path(tmp_path: Path) -> None:
     old = new_project(tmp_path / "A")
     make_store(old)
     new = old.rename(tmp_path / "B")
-    one_error_line(metatest(new), f"keeps its artifacts in {old / 'mlruns'}", str(new / "mlruns"), "moved")
+    check_one_error_line(metatest(new), f"keeps its artifacts in {old / 'mlruns'}", str(new / "mlruns"), "moved")
     assert not old.exists()  # not recreated
     proc = metatest(new, MLFLOW_TRACKING_URI=f"sqlite:///{new / 'mlflow.db'}")  # the same store, named
-    one_error_line(proc, f"keeps its artifacts in {old / 'mlruns'}")
+    check_one_error_line(proc, f"keeps its artifacts in {old / 'mlruns'}")
     assert not old.exists()
 
 
@@ -59,16 +59,16 @@ def test_a_copied_project_gets_its_own_artifacts_with_a_new_experiment(tmp_path:
     make_store(original)
     runs = sorted(p.name for p in (original / "mlruns").iterdir())
     copy = Path(shutil.copytree(original, tmp_path / "B"))
-    one_error_line(metatest(copy), f"keeps its artifacts in {original / 'mlruns'}", "experiment_name")
+    check_one_error_line(metatest(copy), f"keeps its artifacts in {original / 'mlruns'}", "experiment_name")
     text = (copy / "params.yaml").read_text().replace("experiment_name: purer", "experiment_name: purer-b")
     (copy / "params.yaml").write_text(text)
-    one_error_line(metatest(copy), NO_MODEL)  # the fix the message names works
+    check_one_error_line(metatest(copy), NO_MODEL)  # the fix the message names works
     assert sorted(p.name for p in (original / "mlruns").iterdir()) == runs  # nothing went to the original
     assert len(list((copy / "mlruns").iterdir())) > len(runs)  # the new experiment's run is in the copy
 
 
 def test_a_tracking_uri_without_a_scheme_is_named(tmp_path: Path) -> None:
-    one_error_line(metatest(new_project(tmp_path / "p"), MLFLOW_TRACKING_URI="127.0.0.1:5000"),
+    check_one_error_line(metatest(new_project(tmp_path / "p"), MLFLOW_TRACKING_URI="127.0.0.1:5000"),
                    "'127.0.0.1:5000'", "add http://")
 
 
@@ -105,7 +105,7 @@ def broken_server() -> Iterator[str]:
 def test_a_server_whose_api_fails_is_named_at_once(tmp_path: Path, broken_server: str) -> None:
     # MLflow's own client retries a 500 for about four minutes; the subprocess timeout is less.
     proc = metatest(new_project(tmp_path / "p"), MLFLOW_TRACKING_URI=broken_server)
-    one_error_line(proc, f"the MLflow server at {broken_server} does not work", "500")
+    check_one_error_line(proc, f"the MLflow server at {broken_server} does not work", "500")
 
 
 def _unwritable(path: Path) -> None:
@@ -124,5 +124,5 @@ def test_an_unwritable_store_is_one_line(tmp_path: Path) -> None:
         proc = metatest(root)
     finally:
         subprocess.run(["chattr", "-i", str(root / "mlflow.db")], capture_output=True)
-    one_error_line(proc, f"cannot log to the MLflow store sqlite:///{root / 'mlflow.db'}",
+    check_one_error_line(proc, f"cannot log to the MLflow store sqlite:///{root / 'mlflow.db'}",
                    "attempt to write a readonly database")
