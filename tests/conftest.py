@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import pytest
 import torch
@@ -361,3 +367,36 @@ def _filelist(test):
     from purer_mlops.data.filelist import read_filelist
 
     return read_filelist(test.source.parent.parent, "meta_test")  # .../glyphs/split/meta_test.csv
+
+
+# --------------------------------------------------------------------------- local servers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def background(cmd: list[str], ready: str, log: Path, env: dict | None = None, cwd: Path | None = None
+               ) -> Iterator[None]:
+    """Run ``cmd`` until the block ends, once ``ready`` (a URL) answers; its own process group."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=tool_env(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{cmd[:3]} did not answer in 120 s: {log.read_text()[-3000:]}"
+            try:
+                with urlopen(ready, timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

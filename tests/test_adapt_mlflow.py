@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.request import Request, urlopen
 
@@ -29,7 +23,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import BIN, adapt_params, adapt_raw, copy_project, lay_out_task, run_purer, tool_env, write_yaml
+from conftest import (
+    BIN,
+    adapt_params,
+    adapt_raw,
+    background,
+    copy_project,
+    free_port,
+    lay_out_task,
+    run_purer,
+    write_yaml,
+)
 
 from purer_mlops.meta import metatest
 from purer_mlops.meta.checkpoint import load_model
@@ -46,35 +50,6 @@ DVC_ENV = ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "MLF
 def clean_env(monkeypatch):
     for name in DVC_ENV:
         monkeypatch.delenv(name, raising=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def background(cmd: list[str], ready: str, log: Path, env: dict | None = None, cwd: Path | None = None
-               ) -> Iterator[None]:
-    """Run ``cmd`` until the block ends, once ``ready`` (a URL) answers; its own process group."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=tool_env(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{cmd[:3]} did not answer in 120 s: {log.read_text()[-3000:]}"
-            try:
-                with urlopen(ready, timeout=5):
-                    break
-            except OSError:
-                time.sleep(1)
-        yield
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def task_frame(support: Path, query: Path) -> pd.DataFrame:

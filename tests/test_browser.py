@@ -12,14 +12,10 @@ refreshes the ones in docs/tracking.md).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import time
 from pathlib import Path
-from urllib.request import urlopen
 
 import pytest
-from conftest import BIN, copy_project, run_purer, tiny_raw, tool_env, write_yaml
+from conftest import BIN, background, copy_project, free_port, run_purer, tiny_raw, write_yaml
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
@@ -30,12 +26,6 @@ if not (CHROMIUM.exists() and DRIVER.exists()):
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,28 +49,11 @@ def store(tmp_path_factory, pool_project) -> dict:
 @pytest.fixture(scope="module")
 def ui(store) -> str:
     """`mlflow ui` on a free 127.0.0.1 port; its base URL."""
-    port = free_port()
-    log = open(store["root"] / "ui.log", "w")  # noqa: SIM115 - closed below
-    backend = f"sqlite:///{store['root'] / 'mlflow.db'}"
-    proc = subprocess.Popen([str(BIN / "mlflow"), "ui", "--backend-store-uri", backend,
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=store["root"], env=tool_env(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((store["root"] / "ui.log").read_text()) from None
-                time.sleep(0.5)
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{store['root'] / 'mlflow.db'}",
+           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
+    with background(cmd, f"{url}/health", store["root"] / "ui.log", cwd=store["root"]):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

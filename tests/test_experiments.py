@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from urllib.parse import urlencode
 from urllib.request import Request, urlopen
 
 import pytest
-from conftest import BIN, CLONE_TINY, git, make_dvc_repo, run_dvc, tool_env
+from conftest import BIN, CLONE_TINY, free_port, git, make_dvc_repo, run_dvc, tool_env
 
 METATRAIN = "tags.`purer.stage` = 'metatrain'"
 
@@ -161,12 +160,6 @@ def test_a_queued_experiment_logs_into_the_main_store(repo):
     assert artifacts.is_relative_to(root / "mlruns")
     assert (artifacts / "checkpoints" / "best.safetensors").is_file()
     assert sorted(root.rglob("mlflow.db")) == [root / "mlflow.db"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:

@@ -4,13 +4,12 @@ run holds, how later stages link to the meta-training run, and how a broken stor
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_purer, write_params
+from conftest import free_port, run_purer, write_params
 from PIL import Image
 
 from purer_mlops.config import from_dict, load_params
@@ -135,12 +134,6 @@ def test_a_failing_stage_marks_its_run_failed(project, store, monkeypatch):
         with open_tracker(params, "metatrain", project) as tracker:
             raise UserError("diverged")
     assert client_for(store).get_run(tracker.run_id).info.status == "FAILED"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("kind", ["file-in-the-way", "no-server"])
