@@ -183,3 +183,18 @@ def test_fast_max_pool_equals_max_pool_with_its_gradients() -> None:
     (g_out,), (g_ref,) = (torch.autograd.grad((o * w).sum(), [x]) for o in (out, ref))
     assert torch.equal(g_out, g_ref) and int((g_ref != 0).sum()) == ref.numel()
     assert torch.autograd.gradgradcheck(max_pool2, (x,))
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+def test_fast_learner_task_by_task_equals_plain_learner_under_vmap(kind: str) -> None:
+    # evaluation runs a fast learner's tasks in a loop and a plain one's under vmap (meta/evaluation.py)
+    way = 3
+    model = tiny_model(way, torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tasks = TaskBatch(*task(way, shot=2, query=3, dtype=torch.float64, tasks=4), way)
+    with torch.no_grad():
+        plain = build_learner(kind, model, inner_steps=3, inner_lr=0.2).batch_loss(params, tasks, batched=True)
+        fast = build_learner(kind, model, inner_steps=3, inner_lr=0.2, fast=True).batch_loss(params, tasks, batched=False)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast[1], plain[1])
+    assert plain[0].unique().numel() == 4

@@ -51,19 +51,18 @@ class MetaLearner:
         inner_steps, inner_lr: SGD steps and step size of the inner loop.
         first_order: drop second-order terms (MAML's ``approx``); test-time adaptation
             uses detached meta-parameters, so it builds no graph at all.
-
-    Attributes:
         fast: task losses run the model's fast forward
             (:func:`~purer_mlops.models.backbones.fast_forward`: native batch norm, max-pool
             before ReLU); False: the plain one. Channels-last did not pay here (small batches).
     """
 
-    def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False):
+    def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False,
+                 fast: bool = False):
         self.model = model
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
         self.first_order = first_order
-        self.fast = False
+        self.fast = fast
 
     def logits(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, way) of images x (B, 3, S, S) under ``weights``."""
@@ -146,6 +145,6 @@ LEARNERS: dict[str, type[MetaLearner]] = {"maml": MAML, "anil": ANIL, "protonet"
 
 
 def build_learner(kind: str, model: nn.Module, inner_steps: int, inner_lr: float,
-                  first_order: bool = False) -> MetaLearner:
+                  first_order: bool = False, fast: bool = False) -> MetaLearner:
     """The meta-learner named ``kind`` (``maml``, ``anil``, ``protonet``) for ``model``."""
-    return LEARNERS[kind](model, inner_steps, inner_lr, first_order)
+    return LEARNERS[kind](model, inner_steps, inner_lr, first_order, fast)

@@ -95,10 +95,9 @@ class MetaTrainer:
                                      params.num_sup_test, params.num_qur_test, seed=params.seed + 1)
         self.model = init_meta_model(params, pool, self.info.image_size).to(device)
         self.learner = build_learner(params.meta_learner, self.model, params.inner_update_num,
-                                     params.inner_lr, first_order=params.approx)
-        self.learner.fast = self.fast
+                                     params.inner_lr, first_order=params.approx, fast=self.fast)
         self.tester = build_learner(params.meta_learner, self.model, params.test_inner_update_num,
-                                    params.inner_lr)
+                                    params.inner_lr, fast=self.fast)
         self.gen = torch.Generator().manual_seed(params.seed)
         self.bank = None if real is not None else self._make_bank()
         self.meta_opt = adam(self.model.parameters(), params.outer_lr, self.fast)
