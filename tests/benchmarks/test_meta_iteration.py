@@ -112,13 +112,14 @@ def iteration_flops(step) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("mode", ["plain", "fast"])
+@pytest.mark.parametrize("mode", ["plain", "fast", "fast_bf16"])
 def test_meta_iteration(benchmark, setting, mode, capsys):
     name, root, s = setting
     params = from_dict({
         "num_sup_train": s["num_sup_train"], "synthesis_per_class": s["synthesis_per_class"],
         "inner_update_num": s["inner"], "candidate_size": s["candidate"], "tracking": False,
-        "device": DEVICE, "metatrain": {"batching": mode, "val_episodes": 1},
+        "device": DEVICE, "metatrain": {"batching": mode.removesuffix("_bf16"), "val_episodes": 1},
+        "inversion": {"bf16": mode.endswith("_bf16")},
     })
     trainer = build_trainer(params, Project(root))
     benchmark.group = f"meta_iteration_{name}"
@@ -138,10 +139,10 @@ def test_meta_iteration(benchmark, setting, mode, capsys):
     median = benchmark.stats.stats.median
     MEDIANS[name, mode] = median
     benchmark.extra_info.update(gflop=flops / 1e9, gflops=flops / median / 1e9)
-    if mode == "fast":
+    if mode != "plain":
         peak = matmul_gflops()
         plain = MEDIANS.get((name, "plain"))
-        ratio = f", plain/fast {plain / median:.2f}x" if plain else ""
+        ratio = f", plain/{mode} {plain / median:.2f}x" if plain else ""
         with capsys.disabled():
-            print(f"\n[{name}] {flops / 1e9:.1f} GFLOP per iteration; fast {flops / median / 1e9:.1f} GFLOP/s "
+            print(f"\n[{name}] {flops / 1e9:.1f} GFLOP per iteration; {mode} {flops / median / 1e9:.1f} GFLOP/s "
                   f"({median:.3f} s); dense fp32 matmul {peak:.1f} GFLOP/s{ratio}")

@@ -77,7 +77,7 @@ class InversionParams:
     tv: float = knob(1e-4, "weight of the total-variation term", *TEST, ge=0.0)
     l2: float = knob(1e-5, "weight of the l2 term", *TEST, ge=0.0)
     jitter: int = knob(2, "random roll of the bank, in pixels, each direction", *TEST, ge=0)
-    bf16: bool = knob(False, "bf16 autocast for the teachers' forward pass (CUDA only)", *TEST)
+    bf16: bool = knob(False, "bf16 autocast for the teachers' forward pass (CPU and CUDA; fp32 when false)", *TEST)
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,15 @@ class MetatestParams:
 
 @dataclass(frozen=True)
 class CalibrationParams:
-    """ICFIL knobs (used when ``icfil`` is on); see docs/icfil.md. Defaults: chosen on meta-val
-    (``scripts/icfil_search.py``, configuration G3 of docs/icfil.md)."""
+    """ICFIL knobs (used when ``icfil`` is on); see docs/icfil.md. Defaults: chosen on the default
+    PURER model's meta-val (``scripts/icfil_search.py``, configuration F0 of docs/icfil.md: noisy
+    support copies, head calibration); the term weights are those of the full formulation (G3),
+    which ``inversion_steps`` > 0 switches on."""
 
     images_per_class: int = knob(2, "ICFIL pseudo images synthesised per class of the task", METATEST, ge=1)
     init_noise: float = knob(0.5, "std of the Gaussian noise added to the support images that start the pseudo "
                              "images", METATEST, ge=0.0)
-    inversion_steps: int = knob(5, "ICFIL Adam steps synthesising the pseudo images (0: noisy support copies)",
+    inversion_steps: int = knob(0, "ICFIL Adam steps synthesising the pseudo images (0: noisy support copies)",
                                 METATEST, ge=0)
     inversion_lr: float = knob(0.1, "ICFIL inversion learning rate", METATEST, gt=0.0)
     hard_weight: float = knob(1.0, "weight of the hardness term: the adapted model's probability of the pseudo "
@@ -125,11 +127,11 @@ class CalibrationParams:
                                    "images of one class", METATEST, ge=0.0)
     bn_weight: float = knob(0.1, "weight of the BatchNorm prior: distance of the pseudo images' per-layer "
                             "statistics to the real support's", METATEST, ge=0.0)
-    calibrate: str = knob("last", "what the calibration trains: `head`, `last` (head and the last block from its "
+    calibrate: str = knob("head", "what the calibration trains: `head`, `last` (head and the last block from its "
                           "last convolution on) or `all` (every weight)", METATEST,
                           choices=("head", "last", "all"))
-    calibration_steps: int = knob(3, "ICFIL calibration SGD steps on support + pseudo data", METATEST, ge=0)
-    calibration_lr: float = knob(0.01, "ICFIL calibration learning rate", METATEST, gt=0.0)
+    calibration_steps: int = knob(10, "ICFIL calibration SGD steps on support + pseudo data", METATEST, ge=0)
+    calibration_lr: float = knob(0.1, "ICFIL calibration learning rate", METATEST, gt=0.0)
     pseudo_weight: float = knob(1.0, "weight of the pseudo data in the calibration loss", METATEST, ge=0.0)
 
 

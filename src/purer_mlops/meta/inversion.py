@@ -181,7 +181,7 @@ class InversionLoss:
         return torch.stack([ce, bn, total_variation(x), x.norm()])
 
     def _autocast(self, x: torch.Tensor) -> torch.autocast:
-        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16 and x.is_cuda)
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
     def _group_terms(self, g: _Group, rows: list[int], bank: torch.Tensor, shift: tuple[int, int],
                      y: torch.Tensor) -> torch.Tensor:
