@@ -8,8 +8,8 @@ tasks (seed ``--seed``) at 1 and 5 shots, each as a paired difference against pl
 test-time adaptation on the same tasks, and writes ``<out>/search.csv``, ``search.md`` and
 ``chosen.json``: the configuration with the largest 1-shot gain among those whose 5-shot
 gain is not negative. ``test`` reads ``chosen.json`` and scores it on the fixed meta-test
-tasks of ``metatest.seed``, with each term switched off in turn (the ablation), writing
-``test.csv`` and ``test.md``. The meta-model is the project's ``models/meta/best``; the
+tasks of ``metatest.seed``, then the full formulation (every synthesis term on, ``FULL``) and
+the same with each part switched off in turn (the ablation), writing ``test.csv`` and ``test.md``. The meta-model is the project's ``models/meta/best``; the
 other knobs are this checkout's ``params.yaml``.
 """
 
@@ -147,18 +147,18 @@ def write_rows(out: Path, stem: str, rows: list[dict], title: str) -> None:
     write_text(out / f"{stem}.md", markdown(rows, title))
 
 
-def ablations(chosen: dict) -> dict[str, dict]:
-    """The chosen configuration and, in turn, each of its terms switched off."""
+FULL = "G3 hard, last, lr 0.01"  # every synthesis term on: the formulation the ablation takes apart
+
+
+def test_configs(chosen: dict) -> dict[str, dict]:
+    """The chosen configuration, then the full formulation (``FULL``) with each part off in turn."""
+    full = CONFIGS[FULL]
     off = {"hard term off": {"hard_weight": 0.0}, "fidelity term off": {"feature_weight": 0.0},
            "diversity term off": {"diversity_weight": 0.0}, "BatchNorm prior off": {"bn_weight": 0.0},
-           "no inversion (noisy copies)": {"inversion_steps": 0}, "no pseudo data (w = 0)": {"pseudo_weight": 0.0},
-           "head only": {"calibrate": "head"}}
-    out = {"chosen": chosen}
-    for name, change in off.items():
-        variant = {**chosen, **change}
-        if variant != chosen:
-            out[name] = variant
-    return out
+           "no inversion (noisy copies)": {"inversion_steps": 0}, "no pseudo data (w = 0)": {"pseudo_weight": 0.0}}
+    out = {"chosen": chosen, "all terms (G3)": full}
+    out.update({f"G3, {name}": {**full, **change} for name, change in off.items()})
+    return {k: v for i, (k, v) in enumerate(out.items()) if i == 0 or v != chosen}
 
 
 def combine(parts: list[Path], out: Path) -> None:
@@ -186,7 +186,7 @@ def write_choice(out: Path, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=("search", "test", "combine"))
-    ap.add_argument("--project", type=Path, required=True, help="project holding models/meta/best and data/")
+    ap.add_argument("--project", type=Path, help="project holding models/meta/best and data/ (search, test)")
     ap.add_argument("--tasks", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0, help="seed of the fixed meta-val tasks (search)")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
@@ -198,6 +198,8 @@ def main() -> None:
     if args.mode == "combine":
         combine(args.parts, args.out)
         return
+    if args.project is None:
+        ap.error(f"{args.mode} needs --project")
     params = load_params("params.yaml")
     project = Project(args.project)
     model, _ = load_model(project.meta.best, "cpu")
@@ -207,7 +209,7 @@ def main() -> None:
     if args.mode == "search":
         configs = CONFIGS
     else:
-        configs = ablations(json.loads((args.out / "chosen.json").read_text())["calibration"])
+        configs = test_configs(json.loads((args.out / "chosen.json").read_text())["calibration"])
     configs = {k: v for k, v in configs.items() if not args.only or k in args.only}
     rows = []
     for shot in args.shots:

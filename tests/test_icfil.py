@@ -1,6 +1,7 @@
 """ICFIL on a tiny conv4 and random 16-px tasks.
 
-- the tasks of a batch run together (vmap) and give each task's own result;
+- the tasks of a batch run together (vmap) and give each task's own result; a fast learner's
+  loop under the fast forward gives the same logits as a plain learner's vmap;
 - with no calibration step ICFIL is plain test-time adaptation; exact copies of the support
   weighted 0 make it extra head steps on the support; noisy copies weighted 1 change it;
 - each synthesis term does what docs/icfil.md says: the hardness term lowers (its negative
@@ -54,6 +55,19 @@ def test_a_batch_of_tasks_gives_each_task_its_own_result(kind: str) -> None:
     alone = icfil(w, *batch.task(0)[:3], WAY)
     assert torch.allclose(together[0], alone, atol=1e-4)
     assert not torch.allclose(together[0], together[1])
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+def test_fast_loop_equals_plain_vmap(kind: str) -> None:
+    torch.manual_seed(0)
+    model = build_backbone("conv4", WAY, SIZE, track_running_stats=False).double()
+    cfg = dataclasses.replace(Params().calibration, inversion_steps=2, images_per_class=2, calibrate="last")
+    weights = {k: v.detach() for k, v in model.named_parameters()}
+    batch = tasks(3).to(torch.float64)
+    out = {fast: ICFIL(build_learner(kind, model, 2, 0.1, fast=fast), cfg, Params().inversion, seed=1).batch(weights, batch)
+           for fast in (False, True)}
+    torch.testing.assert_close(out[True], out[False], rtol=1e-9, atol=1e-10)
+    assert not torch.allclose(out[True][0], out[True][1])
 
 
 @pytest.mark.parametrize("kind", ["maml", "anil"])

@@ -13,8 +13,8 @@ and its head. No public code implements it; this is our formulation (docs/icfil.
    weighted mean of support and pseudo embeddings.
 4. Predict the query with the calibrated model.
 
-The tasks of a batch run together under ``vmap`` (:meth:`ICFIL.batch`); ``ICFIL(...)(weights,
-xs, ys, xq, way)`` is the same for one task.
+The tasks of a batch run together under ``vmap``, or in a loop under the fast forward
+(:meth:`ICFIL.batch`); ``ICFIL(...)(weights, xs, ys, xq, way)`` is the same for one task.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from ..config import CalibrationParams, InversionParams
+from ..models.backbones import fast_forward
 from .icfil_synthesis import Synthesis, class_means, pseudo_labels
 from .learners import MetaLearner, ProtoNet, Weights, prototype_logits
 from .tasks import TaskBatch
@@ -63,23 +64,32 @@ class ICFIL:
         shape = (tasks, way * self.cfg.images_per_class, *like.shape[-3:])
         return (self.cfg.init_noise * torch.randn(shape, generator=gen)).to(like)
 
+    def pseudo_targets(self, xs: torch.Tensor, x_hat: torch.Tensor, way: int) -> torch.Tensor:
+        """Class probabilities (way·m, way) the calibration fits the pseudo images to: their class.
+
+        (scripts/icfil_teachers.py replaces them with the teachers' soft labels.)
+        """
+        return F.one_hot(pseudo_labels(way, len(x_hat) // way, xs.device), way).to(xs)
+
     def calibrate(self, adapted: Weights, xs: torch.Tensor, ys: torch.Tensor, x_hat: torch.Tensor,
                   way: int) -> Weights:
         """θ' after ``calibration_steps`` SGD steps on CE(S) + w·CE(X̂) over the ``calibrate`` scope."""
         cfg, learner, n = self.cfg, self.learner, len(xs)
-        y = torch.cat([ys, pseudo_labels(way, len(x_hat) // way, xs.device)])
+        target = torch.cat([F.one_hot(ys, way).to(xs), self.pseudo_targets(xs, x_hat, way)])
         weight = torch.cat([torch.ones(n), torch.full((len(x_hat),), cfg.pseudo_weight)]).to(xs) / n
         keys = calibrated_keys(adapted, cfg.calibrate)
+
+        def ce(logits: torch.Tensor) -> torch.Tensor:
+            return (-(target * logits.log_softmax(1)).sum(1) * weight).sum()
+
         if cfg.calibrate == "head":  # the embeddings do not move: compute them once
             z = learner.embed(adapted, torch.cat([xs, x_hat]))
 
             def loss(fast: Weights) -> torch.Tensor:
-                logits = F.linear(z, fast["head.weight"], fast["head.bias"])
-                return (F.cross_entropy(logits, y, reduction="none") * weight).sum()
+                return ce(F.linear(z, fast["head.weight"], fast["head.bias"]))
         else:
             def loss(fast: Weights) -> torch.Tensor:
-                logits = learner.logits({**adapted, **fast}, torch.cat([xs, x_hat]))
-                return (F.cross_entropy(logits, y, reduction="none") * weight).sum()
+                return ce(learner.logits({**adapted, **fast}, torch.cat([xs, x_hat])))
 
         fast = {k: adapted[k] for k in keys}
         for _ in range(cfg.calibration_steps):
@@ -101,7 +111,12 @@ class ICFIL:
         return learner.logits(self.calibrate(adapted, xs, ys, x_hat, way), xq)
 
     def batch(self, weights: Weights, tasks: TaskBatch) -> torch.Tensor:
-        """Calibrated query logits (T, Q, way) of the T tasks of ``tasks``, run together with ``vmap``."""
+        """Calibrated query logits (T, Q, way) of the T tasks of ``tasks``.
+
+        A fast learner runs them one after another under the fast forward (which ``vmap``
+        cannot run; looped it is the faster, as for plain test-time adaptation), a plain one
+        together under ``vmap``.
+        """
         weights = {k: v.detach() for k, v in weights.items()}
         noise = self.noise(len(tasks), tasks.way, tasks.xs)
 
@@ -109,7 +124,10 @@ class ICFIL:
             return self.task(weights, xs, ys, xq, eps, tasks.way)
 
         with torch.no_grad():  # torch.func.grad inside still differentiates; nothing else builds a graph
-            return vmap(one, randomness="same")(tasks.xs, tasks.ys, tasks.xq, noise)
+            if not self.learner.fast:
+                return vmap(one, randomness="same")(tasks.xs, tasks.ys, tasks.xq, noise)
+            with fast_forward():
+                return torch.stack([one(*tasks.task(t)[:3], noise[t]) for t in range(len(tasks))])
 
     def __call__(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                  way: int) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""ICFIL with the teachers' knowledge: how good their embeddings are, and calibrating on their labels.
+
+    python scripts/icfil_teachers.py embeddings --project P --tasks 100 --shots 1
+    python scripts/icfil_teachers.py calibrate  --project P --tasks 100 --shots 1 \\
+        --config 'G3 teacher labels={"calibrate": "last", "calibration_steps": 3, "calibration_lr": 0.01}' \\
+        --mixes 'mixes, head={"calibrate": "head", "calibration_steps": 10, "calibration_lr": 0.1, "pseudo_weight": 0.5}'
+
+``embeddings`` scores, on ``--tasks`` fixed meta-val tasks (seed 0, as ``icfil_search.py``),
+each teacher's embedding as a cosine nearest-prototype classifier, the average of their
+probabilities, and the meta-model with its test-time adaptation. ``calibrate`` runs ICFIL
+whose pseudo images are fitted to the teachers' soft labels (the average over the pool of a
+cosine nearest-prototype softmax, prototypes from the support) instead of their own class:
+``--config`` with the pseudo images of the knobs (docs/icfil.md), ``--mixes`` with pseudo
+images that mix two classes' support images (λ ~ U(0.5, 1), no inversion), where the teachers'
+labels say how much of each class a mix shows. Rows are paired differences against plain
+adaptation on the same tasks, appended to ``<out>/teachers.{csv,md}``. The teachers are the
+project's ``models/teachers`` (they must share the dataset's image size and normalisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from icfil_search import _fmt, calibration_of, merged, write_rows
+
+from purer_mlops.fileio import write_text
+
+from purer_mlops.config.loading import load_params
+from purer_mlops.data.dataset import fixed_tasks, load_split
+from purer_mlops.meta.checkpoint import load_model
+from purer_mlops.meta.evaluation import task_accuracies
+from purer_mlops.meta.icfil import ICFIL
+from purer_mlops.meta.icfil_synthesis import Synthesis
+from purer_mlops.meta.learners import build_learner
+from purer_mlops.meta.metatest import paired, score, summary
+from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.pool import load_pool
+from purer_mlops.paths import Project
+
+SCALE = 10.0  # inverse temperature of the cosine prototype classifier
+
+
+def teacher_probs(teachers: list[torch.nn.Module], xs: torch.Tensor, x: torch.Tensor, way: int) -> torch.Tensor:
+    """Mean over teachers of softmax(SCALE · cos(embedding of x, support prototypes)): (B, way).
+
+    xs (way·shot, 3, S, S) in class order; x (B, 3, S, S).
+    """
+    out = x.new_zeros(len(x), way)
+    for t in teachers:
+        z = F.normalize(t.features(torch.cat([xs, x])), dim=-1)
+        protos = F.normalize(z[:len(xs)].view(way, -1, z.shape[1]).mean(1), dim=-1)
+        out = out + (SCALE * z[len(xs):] @ protos.T).softmax(1)
+    return out / len(teachers)
+
+
+class TeacherICFIL(ICFIL):
+    """ICFIL whose pseudo images are fitted to the teachers' soft labels."""
+
+    def __init__(self, *args, teachers: list[torch.nn.Module], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teachers = teachers
+
+    def pseudo_targets(self, xs: torch.Tensor, x_hat: torch.Tensor, way: int) -> torch.Tensor:
+        return teacher_probs(self.teachers, xs, x_hat, way)
+
+
+class Mixes(Synthesis):
+    """Pseudo images of class c: λ·(support of c) + (1 − λ)·(support of another class), λ ~ U(0.5, 1)."""
+
+    def run(self, base, adapted, xs, ys, noise, way):
+        m, shot = len(noise) // way, len(xs) // way
+        cls = torch.arange(way).repeat_interleave(m)
+        other = (cls + 1 + torch.arange(way * m) % (way - 1)) % way
+        lam = 0.5 + 0.5 * torch.rand(way * m, 1, 1, 1, generator=torch.Generator().manual_seed(self.cfg.images_per_class))
+        return lam.to(xs) * xs[cls * shot] + (1 - lam.to(xs)) * xs[other * shot]
+
+
+def embeddings(params, model, teachers, imageset, tasks, shot: int) -> list[dict]:
+    """Accuracy rows: each teacher's nearest prototype, their ensemble, the adapted meta-model."""
+    batch = stack_tasks(imageset, tasks, "cpu")
+    rows, ensemble = [], 0
+    with torch.no_grad():
+        for i, t in enumerate(teachers):
+            probs = torch.stack([teacher_probs([t], *batch.task(k)[:1], batch.task(k)[2], batch.way)
+                                 for k in range(len(batch))])
+            ensemble = ensemble + probs / len(teachers)
+            acc = (probs.argmax(2) == batch.yq).float().mean(1)
+            rows.append({"config": f"teacher_{i:03d} nearest prototype", "shot": shot, **_fmt(summary(acc))})
+    rows.append({"config": "teachers' ensemble", "shot": shot,
+                 **_fmt(summary((ensemble.argmax(2) == batch.yq).float().mean(1)))})
+    learner = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr, fast=True)
+    accs = task_accuracies(learner, dict(model.named_parameters()), imageset, tasks)
+    rows.append({"config": "meta-model (test-time adaptation)", "shot": shot, **_fmt(summary(accs))})
+    return rows
+
+
+def calibrations(params, model, teachers, imageset, tasks, shot: int, configs: dict, mixes: dict) -> list[dict]:
+    """Paired rows: ICFIL on teacher labels, with inverted pseudo images (configs) or mixes."""
+    p = params.replace(num_sup_test=shot)
+    plain = score(p, model, imageset, tasks)
+    rows = [{"config": "plain", "shot": shot, **_fmt(summary(plain)), "difference": 0.0, "diff_ci95": 0.0,
+             "seconds": "", "cost_ratio": "", "knobs": "{}"}]
+    learner = build_learner(p.meta_learner, model, p.test_inner_update_num, p.inner_lr, fast=True)
+    weights = dict(model.named_parameters())
+    for kind, group in (("", configs), (" [mixes]", mixes)):
+        for name, overrides in group.items():
+            cfg = calibration_of(p, overrides)
+            icfil = TeacherICFIL(learner, cfg.calibration, cfg.inversion, cfg.metatest.seed, teachers=teachers)
+            if kind:
+                icfil.synthesis = Mixes(learner, cfg.calibration, cfg.inversion)
+            started = time.perf_counter()
+            accs = task_accuracies(learner, weights, imageset, tasks, predict=icfil.batch)
+            gain = paired(accs, plain)
+            secs = time.perf_counter() - started
+            rows.append({"config": name + kind, "shot": shot, **_fmt(summary(accs)),
+                         "difference": round(gain["difference"], 3), "diff_ci95": round(gain["ci95"], 3),
+                         "seconds": round(secs, 1), "cost_ratio": "", "knobs": json.dumps(overrides, sort_keys=True)})
+            print(f"{shot}-shot {name}{kind}: {gain['difference']:+.2f} ± {gain['ci95']:.2f} ({secs:.0f} s)", flush=True)
+    return rows
+
+
+def named(specs: list[str]) -> dict[str, dict]:
+    """'name={json knobs}' → {name: knobs}."""
+    return {s.split("=", 1)[0]: json.loads(s.split("=", 1)[1]) for s in specs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=("embeddings", "calibrate"))
+    ap.add_argument("--project", type=Path, required=True, help="project holding models/ and data/")
+    ap.add_argument("--tasks", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fixed meta-val tasks")
+    ap.add_argument("--shots", type=int, nargs="+", default=[1])
+    ap.add_argument("--config", nargs="*", default=[], help="'name={calibration knobs as JSON}'")
+    ap.add_argument("--mixes", nargs="*", default=[], help="'name={calibration knobs as JSON}', mixed pseudo images")
+    ap.add_argument("--out", type=Path, default=Path("results/icfil"))
+    args = ap.parse_args()
+    params = load_params("params.yaml")
+    project = Project(args.project)
+    model, _ = load_model(project.meta.best, "cpu")
+    imageset = load_split(params.dataset, project.dataset(params.dataset), "meta_val")
+    pool = load_pool(project.teachers)
+    if any((r.image_size, tuple(r.mean), tuple(r.std)) != (imageset.image_size, tuple(imageset.mean), tuple(imageset.std))
+           for r, _ in pool):
+        raise SystemExit("the teachers must share the dataset's image size and normalisation")
+    teachers = [t.eval() for _, t in pool]
+    rows = []
+    for shot in args.shots:
+        tasks = fixed_tasks(imageset, args.tasks, params.way_test, shot, params.num_qur_test, seed=args.seed)
+        if args.mode == "embeddings":
+            rows += embeddings(params, model, teachers, imageset, tasks, shot)
+        else:
+            rows += calibrations(params, model, teachers, imageset, tasks, shot, named(args.config), named(args.mixes))
+    title = f"meta_val, {args.tasks} fixed tasks (seed {args.seed})"
+    if args.mode == "calibrate":
+        write_rows(args.out, "teachers_calibrate", merged(args.out, "teachers_calibrate", rows), title)
+        return
+    lines = [f"### {title}", "", "| classifier | shot | accuracy (%) |", "|---|---|---|"]
+    lines += [f"| {r['config']} | {r['shot']} | {r['accuracy']:.2f} ± {r['ci95']:.2f} |" for r in rows]
+    write_text(args.out / "teachers_embeddings.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
