@@ -9,8 +9,9 @@ test-time adaptation on the same tasks, and writes ``<out>/search.csv``, ``searc
 ``chosen.json``: the configuration with the largest 1-shot gain among those whose 5-shot
 gain is not negative. ``test`` reads ``chosen.json`` and scores it on the fixed meta-test
 tasks of ``metatest.seed``, then the full formulation (every synthesis term on, ``FULL``) and
-the same with each part switched off in turn (the ablation), writing ``test.csv`` and ``test.md``. The meta-model is the project's ``models/meta/best``; the
-other knobs are this checkout's ``params.yaml``.
+the same with each part switched off in turn (the ablation), writing ``test.csv`` and
+``test.md``. The meta-model is the project's ``models/meta/best``; the other knobs are this
+checkout's ``params.yaml``.
 """
 
 from __future__ import annotations

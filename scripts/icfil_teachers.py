@@ -3,7 +3,7 @@
     python scripts/icfil_teachers.py embeddings --project P --tasks 100 --shots 1
     python scripts/icfil_teachers.py calibrate  --project P --tasks 100 --shots 1 \\
         --config 'G3 teacher labels={"calibrate": "last", "calibration_steps": 3, "calibration_lr": 0.01}' \\
-        --mixes 'mixes, head={"calibrate": "head", "calibration_steps": 10, "calibration_lr": 0.1, "pseudo_weight": 0.5}'
+        --mixes 'mixes, head={"calibrate": "head", "calibration_steps": 10, "pseudo_weight": 0.5}'
 
 ``embeddings`` scores, on ``--tasks`` fixed meta-val tasks (seed 0, as ``icfil_search.py``),
 each teacher's embedding as a cosine nearest-prototype classifier, the average of their
@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from icfil_search import _fmt, calibration_of, merged, write_rows
 
-from purer_mlops.fileio import write_text
-
 from purer_mlops.config.loading import load_params
 from purer_mlops.data.dataset import fixed_tasks, load_split
+from purer_mlops.fileio import write_text
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.evaluation import task_accuracies
 from purer_mlops.meta.icfil import ICFIL
@@ -76,7 +75,8 @@ class Mixes(Synthesis):
         m, shot = len(noise) // way, len(xs) // way
         cls = torch.arange(way).repeat_interleave(m)
         other = (cls + 1 + torch.arange(way * m) % (way - 1)) % way
-        lam = 0.5 + 0.5 * torch.rand(way * m, 1, 1, 1, generator=torch.Generator().manual_seed(self.cfg.images_per_class))
+        gen = torch.Generator().manual_seed(self.cfg.images_per_class)
+        lam = 0.5 + 0.5 * torch.rand(way * m, 1, 1, 1, generator=gen)
         return lam.to(xs) * xs[cls * shot] + (1 - lam.to(xs)) * xs[other * shot]
 
 
@@ -120,7 +120,8 @@ def calibrations(params, model, teachers, imageset, tasks, shot: int, configs: d
             rows.append({"config": name + kind, "shot": shot, **_fmt(summary(accs)),
                          "difference": round(gain["difference"], 3), "diff_ci95": round(gain["ci95"], 3),
                          "seconds": round(secs, 1), "cost_ratio": "", "knobs": json.dumps(overrides, sort_keys=True)})
-            print(f"{shot}-shot {name}{kind}: {gain['difference']:+.2f} ± {gain['ci95']:.2f} ({secs:.0f} s)", flush=True)
+            print(f"{shot}-shot {name}{kind}: {gain['difference']:+.2f} ± {gain['ci95']:.2f} ({secs:.0f} s)",
+                  flush=True)
     return rows
 
 
@@ -145,8 +146,8 @@ def main() -> None:
     model, _ = load_model(project.meta.best, "cpu")
     imageset = load_split(params.dataset, project.dataset(params.dataset), "meta_val")
     pool = load_pool(project.teachers)
-    if any((r.image_size, tuple(r.mean), tuple(r.std)) != (imageset.image_size, tuple(imageset.mean), tuple(imageset.std))
-           for r, _ in pool):
+    space = (imageset.image_size, tuple(imageset.mean), tuple(imageset.std))
+    if any((r.image_size, tuple(r.mean), tuple(r.std)) != space for r, _ in pool):
         raise SystemExit("the teachers must share the dataset's image size and normalisation")
     teachers = [t.eval() for _, t in pool]
     rows = []

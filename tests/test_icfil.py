@@ -64,8 +64,9 @@ def test_fast_loop_equals_plain_vmap(kind: str) -> None:
     cfg = dataclasses.replace(Params().calibration, inversion_steps=2, images_per_class=2, calibrate="last")
     weights = {k: v.detach() for k, v in model.named_parameters()}
     batch = tasks(3).to(torch.float64)
-    out = {fast: ICFIL(build_learner(kind, model, 2, 0.1, fast=fast), cfg, Params().inversion, seed=1).batch(weights, batch)
-           for fast in (False, True)}
+    icfils = {fast: ICFIL(build_learner(kind, model, 2, 0.1, fast=fast), cfg, Params().inversion, seed=1)
+              for fast in (False, True)}
+    out = {fast: icfil.batch(weights, batch) for fast, icfil in icfils.items()}
     torch.testing.assert_close(out[True], out[False], rtol=1e-9, atol=1e-10)
     assert not torch.allclose(out[True][0], out[True][1])
 

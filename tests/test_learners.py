@@ -193,8 +193,8 @@ def test_fast_learner_task_by_task_equals_plain_learner_under_vmap(kind: str) ->
     params = {k: v.detach() for k, v in model.named_parameters()}
     tasks = TaskBatch(*task(way, shot=2, query=3, dtype=torch.float64, tasks=4), way)
     with torch.no_grad():
-        plain = build_learner(kind, model, inner_steps=3, inner_lr=0.2).batch_loss(params, tasks, batched=True)
-        fast = build_learner(kind, model, inner_steps=3, inner_lr=0.2, fast=True).batch_loss(params, tasks, batched=False)
+        plain = build_learner(kind, model, 3, 0.2).batch_loss(params, tasks, batched=True)
+        fast = build_learner(kind, model, 3, 0.2, fast=True).batch_loss(params, tasks, batched=False)
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fast[1], plain[1])
     assert plain[0].unique().numel() == 4
