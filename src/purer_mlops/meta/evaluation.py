@@ -41,8 +41,8 @@ def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
                     predict: Predictor | None = None) -> torch.Tensor:
     """Accuracy (in [0, 1]) of the adapted meta-model on each task; shape (len(tasks),).
 
-    ``predict`` replaces the learner's own adaptation (ICFIL uses it, under ``vmap``); tasks
-    are stacked ``chunk`` at a time.
+    ``predict`` replaces the learner's own adaptation (ICFIL uses it); tasks are stacked
+    ``chunk`` at a time.
     """
     device = next(iter(weights.values())).device
     weights = {k: v.detach() for k, v in weights.items()}
