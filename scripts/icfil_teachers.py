@@ -75,7 +75,7 @@ class Mixes(Synthesis):
         m, shot = len(noise) // way, len(xs) // way
         cls = torch.arange(way).repeat_interleave(m)
         other = (cls + 1 + torch.arange(way * m) % (way - 1)) % way
-        gen = torch.Generator().manual_seed(self.cfg.images_per_class)
+        gen = torch.Generator().manual_seed(self.cfg.images_per_class)  # fixed λ per configuration
         lam = 0.5 + 0.5 * torch.rand(way * m, 1, 1, 1, generator=gen)
         return lam.to(xs) * xs[cls * shot] + (1 - lam.to(xs)) * xs[other * shot]
 
@@ -86,15 +86,14 @@ def embeddings(params, model, teachers, imageset, tasks, shot: int) -> list[dict
     rows, ensemble = [], 0
     with torch.no_grad():
         for i, t in enumerate(teachers):
-            probs = torch.stack([teacher_probs([t], *batch.task(k)[:1], batch.task(k)[2], batch.way)
-                                 for k in range(len(batch))])
+            probs = torch.stack([teacher_probs([t], xs, xq, batch.way)
+                                 for xs, xq in zip(batch.xs, batch.xq, strict=True)])
             ensemble = ensemble + probs / len(teachers)
             acc = (probs.argmax(2) == batch.yq).float().mean(1)
             rows.append({"config": f"teacher_{i:03d} nearest prototype", "shot": shot, **_fmt(summary(acc))})
     rows.append({"config": "teachers' ensemble", "shot": shot,
                  **_fmt(summary((ensemble.argmax(2) == batch.yq).float().mean(1)))})
-    learner = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr, fast=True)
-    accs = task_accuracies(learner, dict(model.named_parameters()), imageset, tasks)
+    accs = score(params.replace(num_sup_test=shot), model, imageset, tasks)
     rows.append({"config": "meta-model (test-time adaptation)", "shot": shot, **_fmt(summary(accs))})
     return rows
 
