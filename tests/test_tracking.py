@@ -96,6 +96,27 @@ def test_metatrain_run_holds_params_tags_series_and_outputs(project, store, monk
     assert not (project / "mlflow.db").exists()  # the store is DVC_ROOT's, not the copy's
 
 
+def test_metrics_reach_the_store_in_batches_and_all_by_the_end(project, store, monkeypatch):
+    from purer_mlops.tracking.tracker import MlflowTracker
+
+    monkeypatch.setenv("DVC_ROOT", str(store))
+    monkeypatch.setattr(MlflowTracker, "FLUSH_SECONDS", 3600.0)
+    params = load_params(write_params(project, experiment_name="batches"))
+    client = client_for(store)
+    with open_tracker(params, "metatrain", project) as tracker:
+        for step in (1, 2, 3):
+            tracker.log_metrics({"meta_loss": float(step)}, step=step)
+        assert client.get_metric_history(tracker.run_id, "meta_loss") == []  # buffered
+        tracker.log_image(png(project / "bank.png"), key="bank", step=3)  # writes what is buffered
+        assert [m.step for m in client.get_metric_history(tracker.run_id, "meta_loss")] == [1, 2, 3]
+        monkeypatch.setattr(MlflowTracker, "FLUSH_SECONDS", 0.0)
+        tracker.log_metrics({"meta_loss": 4.0}, step=4)  # the interval has passed: written at once
+        assert len(client.get_metric_history(tracker.run_id, "meta_loss")) == 4
+        monkeypatch.setattr(MlflowTracker, "FLUSH_SECONDS", 3600.0)
+        tracker.log_metrics({"meta_loss": 5.0}, step=5)
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "meta_loss")] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
 def test_dvc_variables_name_and_tag_the_run(project, store, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(store))
     monkeypatch.setenv("DVC_EXP_NAME", "lofty-yard")

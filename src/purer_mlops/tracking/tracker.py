@@ -52,13 +52,24 @@ MLFLOW_PARENT = "mlflow.parentRunId"  # nests the run under its parent in the UI
 
 
 class MlflowTracker(Tracker):
-    """Logs to one MLflow run through an ``MlflowClient`` (no global MLflow state)."""
+    """Logs to one MLflow run through an ``MlflowClient`` (no global MLflow state).
+
+    Metrics are buffered and written in one ``log_batch`` every ``FLUSH_SECONDS`` (and before
+    anything else is logged, and when the run ends): one SQLite write per meta-iteration cost
+    4.5 ms, 2% of a default meta-iteration on a 2-core CPU, 9x the buffered cost
+    (``tests/benchmarks/test_tracking_metrics.py``).
+    """
+
+    FLUSH_SECONDS = 10.0
+    FLUSH_METRICS = 900  # MLflow accepts at most 1000 metrics per batch
 
     def __init__(self, client: Any, run_id: str, root: Path) -> None:
         self.client = client
         self.run_id = run_id
         self.root = root
         self.monitor: Any = None
+        self.pending: list = []  # mlflow.entities.Metric not yet written
+        self.flushed_at = time.monotonic()
 
     def monitor_system(self) -> None:
         """Log CPU, memory (and GPU, with pynvml) as system metrics until the run ends."""
@@ -71,11 +82,22 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if (len(self.pending) >= self.FLUSH_METRICS
+                or time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered metrics (the UI shows a running run's curves up to here)."""
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+        self.flushed_at = time.monotonic()
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         from PIL import Image
+
+        self.flush()
 
         with Image.open(path) as image:
             image.load()
@@ -83,6 +105,7 @@ class MlflowTracker(Tracker):
             self.client.log_image(self.run_id, image, key=key, step=step)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.flush()
         self.client.log_artifact(self.run_id, str(path), folder)
 
     def log_metrics_file(self, path: Path) -> None:
@@ -102,6 +125,7 @@ class MlflowTracker(Tracker):
         from .model import log_meta_model
         from .store import TrackingError, root_cause
 
+        self.flush()
         try:
             log_meta_model(self.client, self.run_id, stem, metrics)
         except (MlflowException, OSError) as err:
@@ -138,6 +162,7 @@ class MlflowTracker(Tracker):
             yield child
 
     def end(self, status: str) -> None:
+        self.flush()
         if self.monitor is not None:
             self.monitor.finish()
         self.client.set_terminated(self.run_id, status)
