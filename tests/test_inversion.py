@@ -7,7 +7,8 @@
   N − i times).
 - ``total_variation`` and ``jitter`` match hand computations.
 - A heterogeneous pool (conv4 at 32 and 16 px with another normalisation, resnet10 at 16 px)
-  gives the same terms and bank gradient on the fast path and the plain loop.
+  gives the same terms and bank gradient on the fast path (eager, and with ``torch.compile``)
+  and the plain loop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from purer_mlops.config import InversionParams
 from purer_mlops.data.registry import DatasetInfo
+from purer_mlops.meta.fused import compiled_folded_conv4
 from purer_mlops.meta.inversion import TERMS, InversionLoss, Teacher, jitter, total_variation
 from purer_mlops.models.backbones import batchnorm_layers, build_backbone, capture_bn_inputs
 
@@ -41,9 +43,10 @@ def bank(classes: int, per_class: int, size: int = 16, seed: int = 1) -> torch.T
     return torch.randn(classes, per_class, 3, size, size, generator=g).requires_grad_()
 
 
-def loss_fn(teachers, size: int = 16, fast: bool = True, a_bn: float = 0.01) -> InversionLoss:
+def loss_fn(teachers, size: int = 16, fast: bool = True, a_bn: float = 0.01, compiled: bool = False
+            ) -> InversionLoss:
     space = DatasetInfo("bank", image_size=size, mean=MEAN, std=STD, raw=())
-    return InversionLoss(teachers, space, InversionParams(bn=a_bn, tv=1e-4, l2=1e-5), fast=fast)
+    return InversionLoss(teachers, space, InversionParams(bn=a_bn, tv=1e-4, l2=1e-5), fast=fast, compiled=compiled)
 
 
 def values(out: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -132,7 +135,8 @@ def test_jitter_is_a_roll_of_the_whole_batch() -> None:
     assert torch.equal(jitter(y, -dx, -dy), x)
 
 
-def test_heterogeneous_pool_fast_equals_plain() -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["fast", "fast_compiled"])
+def test_heterogeneous_pool_fast_equals_plain(compiled: bool) -> None:
     other_mean, other_std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
 
     def pool() -> list[Teacher]:  # same seeds: same teachers for both runs
@@ -145,7 +149,9 @@ def test_heterogeneous_pool_fast_equals_plain() -> None:
     images = bank(6, 2, size=32)
     results = {}
     for fast in (True, False):
-        inv = loss_fn(pool(), size=32, fast=fast)
+        inv = loss_fn(pool(), size=32, fast=fast, compiled=compiled and fast)
+        if fast:  # the conv4 scorers run compiled exactly when asked
+            assert (inv.groups[0].scorers[0].forward is compiled_folded_conv4()) == compiled
         assert len(inv.groups) == 3
         out = inv(images, (2, -1))
         (g,) = torch.autograd.grad(out["loss"], [images])

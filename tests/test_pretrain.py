@@ -25,6 +25,7 @@ from purer_mlops.teachers.pretrain import (
     run,
     teacher_data,
     train_teacher,
+    training_forward,
 )
 
 
@@ -184,3 +185,34 @@ def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: 
     # ... and another seed gives another teacher
     other = train_teacher(plan_pool(p.replace(seed=1), {"glyphs": 12})[2], imageset, p).state
     assert not torch.equal(other["head.weight"], pooled["head.weight"])
+
+
+
+def test_compiled_training_step_gives_the_eager_loss_and_gradients(glyph_root: Path) -> None:
+    imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
+    p = params(pretrain={"compile": True})
+    spec = plan_pool(p, {"glyphs": 12})[0]
+    x, y, _, _ = teacher_data(spec, imageset, p)
+    torch.manual_seed(0)
+    model = build_backbone(spec.arch, len(spec.class_ids), 32).to(memory_format=torch.channels_last).train()
+    assert training_forward(model, params()) is model
+    compiled = training_forward(model, p)
+    assert compiled is not model
+    grads = []
+    for forward in (model, compiled):
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+        assert torch.isfinite(loss)
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-4
+
+
+def test_compile_without_a_cxx_compiler_stops_before_training(glyph_root: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "glyphs").symlink_to(glyph_root / "data" / "glyphs")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match=r"'pretrain.compile' is true but no C\+\+ compiler.*apt-get install g\+\+"):
+        run(params(pretrain={"compile": True}), Project(root), progress=False)
+    assert not (root / "models" / "teachers").exists() and not (root / "results").exists()

@@ -5,13 +5,15 @@
 One teacher of the default pool: 5 classes × 100 images at 32 px (80 train, 20 held out),
 ``pretrain.steps`` 300 at batch 64 (43 epochs), with the default recipe (crops and recolouring)
 and with the reference recipe at the same length (no augmentation), so their ratio is the cost
-of augmenting. The 13 teachers of the default pool take 13 times the first. Images are random:
+of augmenting; ``purer-mlops_compiled`` adds ``pretrain.compile`` (its compilation timed apart,
+in a first teacher). The 13 teachers of the default pool take 13 times the first. Images are random:
 the arithmetic does not depend on what they show. ``PURER_BENCH_DEVICE=cuda`` runs on the GPU.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -34,12 +36,18 @@ def imageset() -> ImageSet:
                     classes=[f"class_{c}" for c in range(5)], mean=info.mean, std=info.std, name="glyphs/meta_train")
 
 
-@pytest.mark.parametrize("recipe", ["purer-mlops", "reference"])
-def test_one_default_teacher(benchmark, imageset: ImageSet, recipe: str) -> None:
-    params = from_dict({"pretrain": {"recipe": recipe, "min_accuracy": 0.0}})
+@pytest.mark.parametrize("variant", ["purer-mlops", "reference", "purer-mlops_compiled"])
+def test_one_default_teacher(benchmark, imageset: ImageSet, variant: str, capsys) -> None:
+    recipe, compiled = variant.removesuffix("_compiled"), variant.endswith("_compiled")
+    params = from_dict({"pretrain": {"recipe": recipe, "min_accuracy": 0.0, "compile": compiled}})
     spec = plan_pool(params, {"glyphs": 5})[0]
     benchmark.group = "pretrain_teacher"
-    benchmark.name = f"pretrain_teacher_{recipe}"
+    benchmark.name = f"pretrain_teacher_{variant}"
+    if compiled:  # the first teacher compiles (its full and its last batch): timed apart
+        started = time.perf_counter()
+        train_teacher(spec, imageset, params, DEVICE)
+        with capsys.disabled():
+            print(f"\n[pretrain_teacher] first compiled teacher (compiling) {time.perf_counter() - started:.1f} s")
     trained = benchmark.pedantic(lambda: train_teacher(spec, imageset, params, DEVICE), rounds=3,
                                  warmup_rounds=0, iterations=1)
     assert (trained.epochs, trained.steps) == (43, 301)

@@ -63,6 +63,8 @@ class PretrainParams:
     momentum: float = knob(0.9, "SGD momentum of ResNet teachers", PRETRAIN, ge=0.0, le=1.0)
     weight_decay: float = knob(5e-4, "weight decay of teacher training", PRETRAIN, ge=0.0)
     grad_clip: float = knob(50.0, "gradient-norm clip of teacher training", PRETRAIN, gt=0.0)
+    compile: bool = knob(False, "`torch.compile` the teachers' training forward and backward (compiled at "
+                         "the first step and for the last, smaller batch of an epoch)", PRETRAIN)
     min_accuracy: float = knob(50.0, "held-out accuracy (percent) every teacher must reach, else the stage "
                                "fails with the per-teacher table (chance is 100 / `way_pretrain`)", PRETRAIN,
                                ge=0.0, le=100.0)
@@ -93,6 +95,8 @@ class MetatrainParams:
     batching: str = knob("auto", "`fast` (folded BatchNorm, channels-last, native batch norm) or the plain "
                          "per-teacher, per-task `plain` yardstick; `auto`: fast (docs/performance.md)", *TRAIN,
                          choices=("auto", "fast", "plain"))
+    compile: bool = knob(False, "`torch.compile` the conv4 teachers' scoring in the bank update (fast path; "
+                         "compiled at the first iteration, seconds to a minute)", *TRAIN)
 
 
 @dataclass(frozen=True)

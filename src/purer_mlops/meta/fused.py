@@ -16,9 +16,15 @@ as it is and reduces the captured BatchNorm inputs in two passes. Here, for the 
 
 Other architectures (resnet10/18/12) run their module on channels-last inputs and weights,
 with the statistics of the captured BatchNorm inputs taken in one fused ``var_mean``.
+
+``metatrain.compile`` runs the conv4 scorer under ``torch.compile`` (forward and its first-order
+backward); on a 2-core CPU it gains little (docs/performance.md), so it is off by default.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,14 +106,39 @@ class GroupTotalVariation(torch.autograd.Function):
         return gx
 
 
+def folded_conv4(x: torch.Tensor, layers: list[tuple[torch.Tensor, ...]], head: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (n, k) of x (n, 3, s, s) and Σ_l ‖μ_l − running_mean_l‖ + ‖σ²_l − running_var_l‖.
+
+    ``layers`` holds :class:`FoldedConv4`'s (folded weight, folded bias, β, 1/s, running
+    variance) per block, ``head`` its linear layer. A function of tensors only, so one compiled
+    graph serves every teacher of a group.
+    """
+    x = x.contiguous(memory_format=CL)
+    bn = x.new_zeros(())
+    for w, b, beta, inv_s, running_var in layers:
+        y = F.conv2d(x, w, b, padding=1)
+        mean, var = batch_stats(y)
+        bn = bn + ((mean - beta) * inv_s).norm() + (var * inv_s * inv_s - running_var).norm()
+        x = F.relu(F.max_pool2d(y, 2))
+    return F.linear(x.flatten(1), *head), bn
+
+
+@functools.cache
+def compiled_folded_conv4() -> Callable:
+    """:func:`folded_conv4` under ``torch.compile`` (built once; compiled at its first call)."""
+    return torch.compile(folded_conv4, dynamic=False)
+
+
 class FoldedConv4:
     """A conv4 teacher with each BatchNorm folded into its convolution (weights channels-last).
 
     Args:
         model: the teacher (eval mode), a :class:`Classifier` over a :class:`Conv4`.
+        compiled: score through :func:`compiled_folded_conv4` (``metatrain.compile``).
     """
 
-    def __init__(self, model: Classifier):
+    def __init__(self, model: Classifier, compiled: bool = False):
         convs = [m for m in model.features.body if isinstance(m, nn.Conv2d)]
         bns = [m for m in model.features.body if isinstance(m, nn.BatchNorm2d)]
         self.layers = []
@@ -120,17 +151,11 @@ class FoldedConv4:
                 # (folded weight, folded bias, β, 1/s, running variance)
                 self.layers.append((w, b, bn.bias.clone(), 1.0 / s, bn.running_var.clone()))
             self.head = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
+        self.forward = compiled_folded_conv4() if compiled else folded_conv4
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (n, k) of x (n, 3, s, s) and Σ_l ‖μ_l − running_mean_l‖ + ‖σ²_l − running_var_l‖."""
-        x = x.contiguous(memory_format=CL)
-        bn = x.new_zeros(())
-        for w, b, beta, inv_s, running_var in self.layers:
-            y = F.conv2d(x, w, b, padding=1)
-            mean, var = batch_stats(y)
-            bn = bn + ((mean - beta) * inv_s).norm() + (var * inv_s * inv_s - running_var).norm()
-            x = F.relu(F.max_pool2d(y, 2))
-        return F.linear(x.flatten(1), *self.head), bn
+        """Logits (n, k) of x (n, 3, s, s) and the BN-statistics term (0-dim)."""
+        return self.forward(x, self.layers, self.head)
 
 
 class ModuleScorer:
@@ -154,8 +179,9 @@ class ModuleScorer:
         return logits, bn
 
 
-def scorer(model: nn.Module) -> FoldedConv4 | ModuleScorer:
-    """The fast scorer of a teacher: folded for conv4, the module otherwise."""
+def scorer(model: nn.Module, compiled: bool = False) -> FoldedConv4 | ModuleScorer:
+    """The fast scorer of a teacher: folded for conv4 (``compiled``: under ``torch.compile``),
+    the module otherwise (eager: its BatchNorm inputs are captured by hooks)."""
     if isinstance(model, Classifier) and isinstance(model.features, Conv4):
-        return FoldedConv4(model)
+        return FoldedConv4(model, compiled)
     return ModuleScorer(model)

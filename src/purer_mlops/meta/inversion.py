@@ -113,13 +113,14 @@ class InversionLoss:
         teachers: the pool, frozen (their parameters are not trained here).
         bank: size and normalisation of the bank's space (the meta-dataset's).
         priors: weights of the priors (``bn``, ``tv``, ``l2``) and ``bf16`` (autocast of the
-            teachers' forward pass, CUDA only).
+            teachers' forward pass).
         fast: the fast path (:mod:`.fused`: folded BatchNorm, channels-last, one gather of
             the bank per group) or the plain per-teacher loop (False, the yardstick).
+        compiled: the fast path's conv4 scorers run under ``torch.compile`` (``metatrain.compile``).
     """
 
     def __init__(self, teachers: Sequence[Teacher], bank: DatasetInfo, priors: InversionParams,
-                 fast: bool = True):
+                 fast: bool = True, compiled: bool = False):
         self.teachers = list(teachers)
         for t in self.teachers:
             t.model.eval().requires_grad_(False)
@@ -130,6 +131,7 @@ class InversionLoss:
         self.weights = {"ce": 1.0, "bn": priors.bn, "tv": priors.tv, "l2": priors.l2}
         self.fast = fast
         self.autocast_bf16 = priors.bf16
+        self.compiled = compiled
         keys: dict[tuple, list[int]] = {}
         for i, t in enumerate(self.teachers):
             keys.setdefault((t.arch, t.image_size, len(t.classes), t.mean, t.std), []).append(i)
@@ -143,7 +145,7 @@ class InversionLoss:
             t.classes = t.classes.to(device)
         for g in self.groups:
             g.classes = g.classes.to(device)
-            g.scorers = [scorer(self.teachers[i].model) for i in g.members] if self.fast else []
+            g.scorers = [scorer(self.teachers[i].model, self.compiled) for i in g.members] if self.fast else []
         self.bank_mean = self.bank_mean.to(device=device, dtype=dtype)
         self.bank_std = self.bank_std.to(device=device, dtype=dtype)
         return self

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..compiling import check_compiler
 from ..config import Params
 from ..data.dataset import ImageSet, fixed_tasks
 from ..data.registry import DATASETS
@@ -113,8 +114,10 @@ class MetaTrainer:
         p = self.params
         check_bank_tasks(p, len(self.pool.bank_classes))
         bank = Bank(len(self.pool.bank_classes), p.synthesis_per_class, self.info.image_size, self.gen)
-        self.inversion = InversionLoss(self.pool.teachers, self.info, p.inversion,
-                                       fast=self.fast).to(self.device)
+        if p.metatrain.compile:
+            check_compiler(self.device, "metatrain.compile")
+        self.inversion = InversionLoss(self.pool.teachers, self.info, p.inversion, fast=self.fast,
+                                       compiled=p.metatrain.compile).to(self.device)
         bank = bank.to(self.device)
         self.bank_opt = adam(bank.parameters(), p.inversion.lr, self.fast)
         self.good_bank = bank.images.detach().clone()

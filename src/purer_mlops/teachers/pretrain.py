@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiling import check_compiler
 from ..config import Params
 from ..data.dataset import ImageSet, class_view, load_split
 from ..distributed import SINGLE, Ranks
@@ -203,6 +204,15 @@ def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+def training_forward(model: nn.Module, params: Params) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's forward for training steps: under ``torch.compile`` with ``pretrain.compile``
+    (one graph serves every teacher of an architecture), the module itself otherwise."""
+    if not params.pretrain.compile:
+        return model
+    check_compiler(next(model.parameters()).device, "pretrain.compile")
+    return torch.compile(model)
+
+
 def train_teacher(spec: TeacherSpec, imageset: ImageSet, params: Params,
                   device: str | torch.device = "cpu",
                   on_epoch: Callable[[int, float, nn.Module], None] | None = None) -> TrainedTeacher:
@@ -216,6 +226,7 @@ def train_teacher(spec: TeacherSpec, imageset: ImageSet, params: Params,
     p = params.pretrain
     x_tr, y_tr, x_ho, y_ho = teacher_data(spec, imageset, params, device)
     model = _new_model(spec, imageset.image_size, p.recipe).to(device, memory_format=torch.channels_last)
+    forward = training_forward(model, params)
     per_epoch = steps_per_epoch(len(y_tr), p.batch_size)
     epochs = epochs_for(params, len(y_tr))
     opt = make_optimizer(spec.arch, model, params)
@@ -231,7 +242,7 @@ def train_teacher(spec: TeacherSpec, imageset: ImageSet, params: Params,
             if len(idx) < 2:  # BatchNorm cannot train on one image at 1×1 resolution
                 continue
             x = augment.batch(source, idx, imageset.image_size, gen) if augment else x_tr[idx]
-            loss = F.cross_entropy(model(x), y_tr[idx])
+            loss = F.cross_entropy(forward(x), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
