@@ -198,3 +198,20 @@ def test_fast_learner_task_by_task_equals_plain_learner_under_vmap(kind: str) ->
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fast[1], plain[1])
     assert plain[0].unique().numel() == 4
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil"])
+def test_compiled_test_time_steps_equal_the_eager_ones(kind: str) -> None:
+    # metatrain.compile / metatest.compile: each inner step of test-time adaptation compiled
+    way = 3
+    model = tiny_model(way, torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tasks = TaskBatch(*task(way, shot=2, query=3, dtype=torch.float64, tasks=3), way)
+    compiled = build_learner(kind, model, 3, 0.2, fast=True, compiled=True)
+    assert compiled.step is not compiled.sgd_step
+    with torch.no_grad():
+        eager = build_learner(kind, model, 3, 0.2, fast=True).batch_loss(params, tasks, batched=False)
+        out = compiled.batch_loss(params, tasks, batched=False)
+    torch.testing.assert_close(out[0], eager[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[1], eager[1])
+    assert eager[0].unique().numel() == 3

@@ -20,6 +20,7 @@ import torch
 from conftest import copy_project, tiny_params, tiny_raw, write_yaml
 
 from purer_mlops import compare
+from purer_mlops.errors import UserError
 from purer_mlops.meta import metatest, train
 from purer_mlops.meta.evaluation import mean_ci95
 from purer_mlops.meta.icfil import ICFIL
@@ -100,3 +101,16 @@ def test_compare_scores_six_methods_at_two_shots_and_reuses_models(pool_project:
     stamps = {f: f.stat().st_mtime_ns for f in (root / "models/compare").rglob("best.safetensors")}
     compare.run(p, Project(root), progress=False)
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # nothing retrained
+
+
+def test_compiled_test_time_adaptation_scores_like_the_eager_one(pool_project: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tiny_params(episode_test=4, test_inner_update_num=2)
+    test, tasks = metatest.fixed_test_tasks(p, Project(pool_project))
+    model = init_meta_model(p.replace(average=False), None, test.image_size)
+    compiled = p.replace(**{"metatest.compile": True})
+    torch.testing.assert_close(metatest.score(compiled, model, test, tasks), metatest.score(p, model, test, tasks))
+    monkeypatch.setenv("PATH", "/nonexistent")  # no C++ compiler: refused before any task runs
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match=r"'metatest.compile' is true but no C\+\+ compiler"):
+        metatest.score(compiled, model, test, tasks)

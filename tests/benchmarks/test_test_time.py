@@ -7,13 +7,16 @@ One group per predictor, ``plain`` and ``fast`` timed in the same run:
 
 50 random 5-way 1-shot tasks with 15 queries per class at 32 px (one chunk of
 ``task_accuracies``), a conv4 meta-model with batch-statistics BatchNorm, MAML with the
-default 10 test-time steps; ``icfil`` adds ICFIL with the default calibration knobs (its cost
+default 10 test-time steps (``fast_compiled``: each step under ``torch.compile``, its compilation
+timed apart); ``icfil`` adds ICFIL with the default calibration knobs (its cost
 relative to plain adaptation is printed for each path). Both
 paths give the same accuracies (tests/test_learners.py and tests/test_icfil.py check the
 logits in float64).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -35,14 +38,16 @@ def _tasks() -> TaskBatch:
     return TaskBatch(xs, task_labels(TASKS, WAY, SHOT, "cpu"), xq, task_labels(TASKS, WAY, QUERY, "cpu"), WAY)
 
 
-@pytest.mark.parametrize("predictor", ["adaptation", "icfil"])
-@pytest.mark.parametrize("mode", ["plain", "fast"])
+@pytest.mark.parametrize(("predictor", "mode"), [
+    ("adaptation", "plain"), ("adaptation", "fast"), ("adaptation", "fast_compiled"),
+    ("icfil", "plain"), ("icfil", "fast")])
 def test_test_time(benchmark, predictor: str, mode: str, capsys) -> None:
     torch.manual_seed(0)
     model = build_backbone("conv4", WAY, SIZE, track_running_stats=False)
     weights = {k: v.detach() for k, v in model.named_parameters()}
     params = Params()
-    learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr, fast=mode == "fast")
+    learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr,
+                            fast=mode.startswith("fast"), compiled=mode == "fast_compiled")
     tasks = _tasks()
     if predictor == "icfil":
         icfil = ICFIL(learner, params.calibration, params.inversion, seed=0)
@@ -56,7 +61,12 @@ def test_test_time(benchmark, predictor: str, mode: str, capsys) -> None:
 
     benchmark.group = f"test_time_{predictor}"
     benchmark.name = f"test_time_{predictor}_{mode}"
-    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    if mode == "fast_compiled":  # the first chunk compiles: timed apart
+        started = time.perf_counter()
+        run()
+        with capsys.disabled():
+            print(f"\n[{predictor}] first chunk (compiling) {time.perf_counter() - started:.1f} s")
+    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0 if mode == "fast_compiled" else 1)
     assert torch.isfinite(out).all()
     median = MEDIANS[predictor, mode] = benchmark.stats.stats.median
     lines = []
@@ -64,6 +74,8 @@ def test_test_time(benchmark, predictor: str, mode: str, capsys) -> None:
         plain, fast = MEDIANS[predictor, "plain"], MEDIANS[predictor, "fast"]
         lines.append(f"[{predictor}] {TASKS} tasks: plain {plain:.2f} s, fast {fast:.2f} s, "
                      f"plain/fast {plain / fast:.2f}x")
+        if mode == "fast_compiled":
+            lines.append(f"[{predictor}] fast compiled {median:.2f} s, fast/fast compiled {fast / median:.2f}x")
     if predictor == "icfil" and ("adaptation", mode) in MEDIANS:  # ICFIL's cost (issue #15: at most 3x)
         lines.append(f"[{mode}] ICFIL / plain adaptation: {median / MEDIANS['adaptation', mode]:.2f}x")
     with capsys.disabled():

@@ -95,8 +95,9 @@ class MetatrainParams:
     batching: str = knob("auto", "`fast` (folded BatchNorm, channels-last, native batch norm) or the plain "
                          "per-teacher, per-task `plain` yardstick; `auto`: fast (docs/performance.md)", *TRAIN,
                          choices=("auto", "fast", "plain"))
-    compile: bool = knob(False, "`torch.compile` the conv4 teachers' scoring in the bank update (fast path; "
-                         "compiled at the first iteration, seconds to a minute)", *TRAIN)
+    compile: bool = knob(False, "`torch.compile` the conv4 teachers' scoring in the bank update and each step "
+                         "of meta-val's test-time adaptation (fast path; compiled at first use, seconds to a "
+                         "minute)", *TRAIN)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class MetatestParams:
                      le=MAX_SEED)
     reference_protocol: bool = knob(False, "also report the reference code's best TEST accuracy over all "
                                     "validated checkpoints (optimistic; one meta-test per checkpoint)", METATEST)
+    compile: bool = knob(False, "`torch.compile` each step of test-time adaptation (MAML, ANIL; compiled at "
+                         "first use, seconds to a minute)", METATEST)
 
 
 @dataclass(frozen=True)

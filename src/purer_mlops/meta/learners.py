@@ -12,8 +12,6 @@ Snell et al., NeurIPS 2017 (ProtoNet).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,15 +52,18 @@ class MetaLearner:
         fast: task losses run the model's fast forward
             (:func:`~purer_mlops.models.backbones.fast_forward`: native batch norm, max-pool
             before ReLU); False: the plain one. Channels-last did not pay here (small batches).
+        compiled: each inner step runs under ``torch.compile`` (test-time adaptation only: the
+            meta-gradient's double backward does not compile).
     """
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False,
-                 fast: bool = False):
+                 fast: bool = False, compiled: bool = False):
         self.model = model
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
         self.first_order = first_order
         self.fast = fast
+        self.step = torch.compile(self.sgd_step, dynamic=False) if compiled else self.sgd_step
 
     def logits(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, way) of images x (B, 3, S, S) under ``weights``."""
@@ -73,13 +74,22 @@ class MetaLearner:
         feats = {k.removeprefix("features."): v for k, v in weights.items() if k.startswith("features.")}
         return functional_call(self.model.features, feats, (x,))
 
-    def sgd(self, loss_fn: Callable[[Weights], torch.Tensor], fast: Weights) -> Weights:
-        """``inner_steps`` of SGD on ``fast`` (a sub-dict of weights) minimising ``loss_fn``."""
+    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """The support loss (0-dim) the inner loop minimises over ``fast``, given ``inputs``."""
+        raise NotImplementedError(f"{type(self).__name__} has no inner loop")
+
+    def sgd_step(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
+        """One SGD step on ``fast`` (a sub-dict of weights) down :meth:`inner_loss`."""
+        with fast_forward(self.fast):  # also inside a compiled step, which traces it
+            g = grad(self.inner_loss)(fast, inputs, ys)
+        if self.first_order:
+            g = {k: v.detach() for k, v in g.items()}
+        return {k: fast[k] - self.inner_lr * g[k] for k in fast}
+
+    def sgd(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
+        """``inner_steps`` SGD steps on ``fast`` (:meth:`sgd_step`, or its compiled form)."""
         for _ in range(self.inner_steps):
-            g = grad(loss_fn)(fast)
-            if self.first_order:
-                g = {k: v.detach() for k, v in g.items()}
-            fast = {k: fast[k] - self.inner_lr * g[k] for k in fast}
+            fast = self.step(fast, inputs, ys)
         return fast
 
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
@@ -118,18 +128,23 @@ class MetaLearner:
 class MAML(MetaLearner):
     """MAML: every weight takes the inner-loop steps."""
 
+    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(fast, inputs), ys)
+
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
-        return self.sgd(lambda w: F.cross_entropy(self.logits(w, xs), ys), weights)
+        return self.sgd(weights, xs, ys)
 
 
 class ANIL(MetaLearner):
     """ANIL: only the head (the linear classifier) takes the inner-loop steps."""
 
+    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        # fast: the head; inputs: the support's embeddings
+        return F.cross_entropy(F.linear(inputs, fast["head.weight"], fast["head.bias"]), ys)
+
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
-        feats = self.embed(weights, xs)
         head = {k: v for k, v in weights.items() if k.startswith("head.")}
-        head = self.sgd(lambda h: F.cross_entropy(F.linear(feats, h["head.weight"], h["head.bias"]), ys), head)
-        return {**weights, **head}
+        return {**weights, **self.sgd(head, self.embed(weights, xs), ys)}
 
 
 class ProtoNet(MetaLearner):
@@ -145,6 +160,6 @@ LEARNERS: dict[str, type[MetaLearner]] = {"maml": MAML, "anil": ANIL, "protonet"
 
 
 def build_learner(kind: str, model: nn.Module, inner_steps: int, inner_lr: float,
-                  first_order: bool = False, fast: bool = False) -> MetaLearner:
+                  first_order: bool = False, fast: bool = False, compiled: bool = False) -> MetaLearner:
     """The meta-learner named ``kind`` (``maml``, ``anil``, ``protonet``) for ``model``."""
-    return LEARNERS[kind](model, inner_steps, inner_lr, first_order, fast)
+    return LEARNERS[kind](model, inner_steps, inner_lr, first_order, fast, compiled)

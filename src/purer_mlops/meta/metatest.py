@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..compiling import check_compiler
 from ..config import Params
 from ..data.dataset import ImageSet, TaskIndices, fixed_tasks, load_split
 from ..distributed import pick_device
@@ -38,7 +39,10 @@ def fixed_test_tasks(params: Params, project: Project, shot: int | None = None
 def score(params: Params, model: torch.nn.Module, test: ImageSet, tasks: list[TaskIndices], *,
           icfil: bool = False, progress: bool = False) -> torch.Tensor:
     """Per-task accuracies (in [0, 1]) of ``model`` adapted with the test-time settings."""
-    learner = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr, fast=True)
+    if params.metatest.compile:
+        check_compiler(next(model.parameters()).device, "metatest.compile")
+    learner = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr, fast=True,
+                            compiled=params.metatest.compile)
     predict = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed).batch if icfil else None
     return task_accuracies(learner, dict(model.named_parameters()), test, tasks, progress=progress,
                            predict=predict)

@@ -91,6 +91,8 @@ class MetaTrainer:
         self.params, self.pool, self.val, self.real, self.ranks = params, pool, val, real, ranks
         self.device = device
         self.fast = use_fast(params.metatrain.batching)
+        if params.metatrain.compile:
+            check_compiler(device, "metatrain.compile")
         self.info = DATASETS[params.dataset]
         self.val_tasks = fixed_tasks(val, params.metatrain.val_episodes, params.way_test,
                                      params.num_sup_test, params.num_qur_test, seed=params.seed + 1)
@@ -98,7 +100,7 @@ class MetaTrainer:
         self.learner = build_learner(params.meta_learner, self.model, params.inner_update_num,
                                      params.inner_lr, first_order=params.approx, fast=self.fast)
         self.tester = build_learner(params.meta_learner, self.model, params.test_inner_update_num,
-                                    params.inner_lr, fast=self.fast)
+                                    params.inner_lr, fast=self.fast, compiled=self.fast and params.metatrain.compile)
         self.gen = torch.Generator().manual_seed(params.seed)
         self.bank = None if real is not None else self._make_bank()
         self.meta_opt = adam(self.model.parameters(), params.outer_lr, self.fast)
@@ -114,8 +116,6 @@ class MetaTrainer:
         p = self.params
         check_bank_tasks(p, len(self.pool.bank_classes))
         bank = Bank(len(self.pool.bank_classes), p.synthesis_per_class, self.info.image_size, self.gen)
-        if p.metatrain.compile:
-            check_compiler(self.device, "metatrain.compile")
         self.inversion = InversionLoss(self.pool.teachers, self.info, p.inversion, fast=self.fast,
                                        compiled=p.metatrain.compile).to(self.device)
         bank = bank.to(self.device)
