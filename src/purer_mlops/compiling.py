@@ -1,4 +1,4 @@
-"""``torch.compile`` behind the ``pretrain.compile`` and ``metatrain.compile`` knobs."""
+"""``torch.compile`` behind the ``pretrain.compile``, ``metatrain.compile`` and ``metatest.compile`` knobs."""
 
 from __future__ import annotations
 
