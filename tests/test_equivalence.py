@@ -103,7 +103,8 @@ def meta_gradient(t: MetaTrainer, seed: int = 5) -> tuple[torch.Tensor, torch.Te
 
 def adversarial(t: MetaTrainer) -> tuple[float, torch.Tensor]:
     """The adversarial term −adv_scale·L_outer on a pseudo task of the live bank, and its bank gradient."""
-    loss = t._adversarial_loss()
+    outer, _ = t.learner.task_loss(t.weights(), *t._adversarial_task().task(0), t.params.way_train)
+    loss = -t.params.adv_scale * outer
     (g,) = torch.autograd.grad(loss, [t.bank.images])
     return float(loss.detach()), g
 

@@ -28,6 +28,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def contiguous_share(n: int, part: int, parts: int) -> range:
+    """Part ``part`` of ``n`` items cut into ``parts`` contiguous ranges, the first ones one longer."""
+    per, extra = divmod(n, parts)
+    start = part * per + min(part, extra)
+    return range(start, start + per + (part < extra))
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's rank among ``world`` processes."""
@@ -45,9 +52,7 @@ class Ranks:
 
     def share(self, n: int) -> range:
         """The contiguous slice of ``n`` items (tasks, teachers) this rank computes."""
-        per, extra = divmod(n, self.world)
-        start = self.rank * per + min(self.rank, extra)
-        return range(start, start + per + (self.rank < extra))
+        return contiguous_share(n, self.rank, self.world)
 
     def sum_(self, *tensors: torch.Tensor) -> None:
         """In-place sum over ranks (no-op for one process)."""

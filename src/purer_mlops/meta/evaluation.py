@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.dataset import ImageSet, TaskIndices
+from .lanes import ONE, Lanes
 from .learners import MetaLearner, Weights
 from .tasks import TaskBatch, stack_tasks
 
@@ -30,6 +31,8 @@ def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predic
     (channels-last max-pool indices), and looped it is still 1.3-1.8x faster than the plain
     forward under ``vmap`` on CPU (docs/performance.md); a plain learner runs them under ``vmap``.
     """
+    if len(tasks) == 0:  # a lane without tasks
+        return torch.zeros(0, device=tasks.yq.device)
     if predict is None:
         with torch.no_grad():
             return learner.batch_loss(weights, tasks, batched=not learner.fast)[1]
@@ -38,18 +41,25 @@ def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predic
 
 def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
                     tasks: Sequence[TaskIndices], *, chunk: int = 50, progress: bool = False,
-                    predict: Predictor | None = None) -> torch.Tensor:
+                    predict: Predictor | None = None, lanes: Lanes = ONE) -> torch.Tensor:
     """Accuracy (in [0, 1]) of the adapted meta-model on each task; shape (len(tasks),).
 
-    ``predict`` replaces the learner's own adaptation (ICFIL uses it); tasks are stacked
-    ``chunk`` at a time.
+    ``predict`` replaces the learner's own adaptation (ICFIL uses it, on one lane); tasks are
+    stacked ``chunk`` at a time, and each chunk's tasks are shared among the ``lanes``.
     """
     device = next(iter(weights.values())).device
     weights = {k: v.detach() for k, v in weights.items()}
+    if predict is not None:
+        lanes = ONE
+    learners = learner.replicas(lanes.count)
     out = []
     for start in tqdm(range(0, len(tasks), chunk), desc="tasks", disable=not progress, leave=False):
         batch = stack_tasks(imageset, tasks[start:start + chunk], device)
-        out.append(_accuracies(learner, weights, batch, predict).cpu())
+
+        def lane_accuracies(lane: int, share: range, batch: TaskBatch = batch) -> torch.Tensor:
+            return _accuracies(learners[lane], weights, batch.select(slice(share.start, share.stop)), predict).cpu()
+
+        out += lanes.map(lane_accuracies, len(batch))
     return torch.cat(out)
 
 

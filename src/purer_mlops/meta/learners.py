@@ -12,6 +12,8 @@ Snell et al., NeurIPS 2017 (ProtoNet).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,13 @@ class MetaLearner:
         self.first_order = first_order
         self.fast = fast
         self.step = torch.compile(self.sgd_step, dynamic=False) if compiled else self.sgd_step
+
+    def replicas(self, count: int) -> list[MetaLearner]:
+        """This learner and ``count - 1`` eager copies, each over its own module, for
+        :mod:`.lanes`: ``functional_call`` re-points a module's parameters while it runs, so
+        lanes running side by side need one module each (the weights themselves are passed in)."""
+        return [self, *(type(self)(copy.deepcopy(self.model), self.inner_steps, self.inner_lr, self.first_order,
+                                   self.fast) for _ in range(count - 1))]
 
     def logits(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, way) of images x (B, 3, S, S) under ``weights``."""

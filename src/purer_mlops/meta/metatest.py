@@ -22,6 +22,7 @@ from ..tracking import Tracker
 from .checkpoint import load_model
 from .evaluation import mean_ci95, task_accuracies
 from .icfil import ICFIL
+from .lanes import lane_count, open_lanes
 from .learners import build_learner
 
 
@@ -38,14 +39,17 @@ def fixed_test_tasks(params: Params, project: Project, shot: int | None = None
 
 def score(params: Params, model: torch.nn.Module, test: ImageSet, tasks: list[TaskIndices], *,
           icfil: bool = False, progress: bool = False) -> torch.Tensor:
-    """Per-task accuracies (in [0, 1]) of ``model`` adapted with the test-time settings."""
+    """Per-task accuracies (in [0, 1]) of ``model`` adapted with the test-time settings, the
+    tasks shared among the ``lanes`` (ICFIL: one lane)."""
+    device = next(model.parameters()).device
     if params.metatest.compile:
-        check_compiler(next(model.parameters()).device, "metatest.compile")
+        check_compiler(device, "metatest.compile")
     learner = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr, fast=True,
                             compiled=params.metatest.compile)
     predict = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed).batch if icfil else None
-    return task_accuracies(learner, dict(model.named_parameters()), test, tasks, progress=progress,
-                           predict=predict)
+    with open_lanes(lane_count(params.lanes, device, params.metatest.compile or icfil)) as lanes:
+        return task_accuracies(learner, dict(model.named_parameters()), test, tasks, progress=progress,
+                               predict=predict, lanes=lanes)
 
 
 def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

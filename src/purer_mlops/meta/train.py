@@ -28,6 +28,7 @@ from ..interrupts import Interrupted, Pending, held
 from ..paths import ModelDir, Project
 from ..tracking import Tracker
 from .checkpoint import HISTORY_FOLDER, fingerprint, matching_resume_state, model_card, save_model, save_resume_state
+from .lanes import ONE, Lanes, lane_count, open_lanes
 from .pool import load_teachers
 from .trainer import TRAIN_COLUMNS, MetaTrainer
 
@@ -36,7 +37,7 @@ DIVERGED_AFTER = 20
 
 
 def build_trainer(params: Params, project: Project, *, oracle: bool = False, device: torch.device | None = None,
-                  ranks: Ranks = SINGLE) -> MetaTrainer:
+                  ranks: Ranks = SINGLE, lanes: Lanes = ONE) -> MetaTrainer:
     """A trainer reading the pool, meta_val (and meta_train for the oracle) from ``project``."""
     data = project.dataset(params.dataset)
     val = load_split(params.dataset, data, "meta_val")
@@ -51,7 +52,7 @@ def build_trainer(params: Params, project: Project, *, oracle: bool = False, dev
     if params.candidate_size > len(pool.teachers) and not oracle:  # the oracle has no bank to update
         raise UserError(f"'candidate_size' is {params.candidate_size} but the pool in {project.teachers} has only "
                         f"{len(pool.teachers)} teachers; lower it to {len(pool.teachers)} or less (0: all of them).")
-    return MetaTrainer(params, pool, val, device or pick_device(params.device), real=real, ranks=ranks)
+    return MetaTrainer(params, pool, val, device or pick_device(params.device), real=real, ranks=ranks, lanes=lanes)
 
 
 def bank_grid(bank: torch.Tensor, mean, std, classes: int = 10, per_class: int = 8) -> np.ndarray:
@@ -207,8 +208,17 @@ def run(params: Params, project: Project, *, files: RunFiles | None = None, orac
     tracker = tracker or Tracker()
     files = files or RunFiles(project.meta, project.results("metatrain"))
     started = time.perf_counter()
-    trainer = build_trainer(params, project, oracle=oracle, ranks=ranks)
-    fp = fingerprint(params, project.teachers, oracle)
+    device = pick_device(params.device)
+    with open_lanes(lane_count(params.lanes, device, params.metatrain.compile)) as lanes:
+        trainer = build_trainer(params, project, oracle=oracle, device=device, ranks=ranks, lanes=lanes)
+        fp = fingerprint(params, project.teachers, oracle)
+        return _train(trainer, files, tracker, fp, progress=progress, reuse_complete=reuse_complete, started=started)
+
+
+def _train(trainer: MetaTrainer, files: RunFiles, tracker: Tracker, fp: str, *, progress: bool,
+           reuse_complete: bool, started: float) -> dict:
+    """:func:`run` with its trainer built."""
+    params, ranks = trainer.params, trainer.ranks
     state = matching_resume_state(files.models.resume_state, fp)
     if state is not None and state["iteration"] >= params.meta_iterations and reuse_complete \
             and (files.results / "metrics.json").is_file():

@@ -31,6 +31,7 @@ from ..errors import UserError
 from .curriculum import Curriculum
 from .evaluation import mean_ci95, task_accuracies
 from .inversion import TERMS, Bank, InversionLoss, random_shift
+from .lanes import ONE, Lanes
 from .learners import Weights, build_learner
 from .pool import Pool, init_meta_model
 from .tasks import TaskBatch, sample_pseudo_tasks, sample_real_tasks
@@ -62,6 +63,14 @@ def adam(params, lr: float, fast: bool) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True) if fast else torch.optim.Adam(params, lr=lr)
 
 
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the lanes' parts, in lane order (one lane: its part, untouched)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def check_bank_tasks(params: Params, bank_classes: int) -> None:
     """Refuse pseudo tasks the bank cannot supply, naming the parameter to change."""
     if params.way_train > bank_classes:
@@ -84,11 +93,12 @@ class MetaTrainer:
         device: where to compute.
         real: meta_train images for the oracle (None: data-free, from the bank).
         ranks: this process's share of the work under ``torchrun``.
+        lanes: the threads that split this process's share (:mod:`.lanes`).
     """
 
     def __init__(self, params: Params, pool: Pool, val: ImageSet, device: torch.device, *,
-                 real: ImageSet | None = None, ranks: Ranks = SINGLE):
-        self.params, self.pool, self.val, self.real, self.ranks = params, pool, val, real, ranks
+                 real: ImageSet | None = None, ranks: Ranks = SINGLE, lanes: Lanes = ONE):
+        self.params, self.pool, self.val, self.real, self.ranks, self.lanes = params, pool, val, real, ranks, lanes
         self.device = device
         self.fast = use_fast(params.metatrain.batching)
         if params.metatrain.compile:
@@ -101,6 +111,7 @@ class MetaTrainer:
                                      params.inner_lr, first_order=params.approx, fast=self.fast)
         self.tester = build_learner(params.meta_learner, self.model, params.test_inner_update_num,
                                     params.inner_lr, fast=self.fast, compiled=self.fast and params.metatrain.compile)
+        self.learners = self.learner.replicas(lanes.count)  # one per lane
         self.gen = torch.Generator().manual_seed(params.seed)
         self.bank = None if real is not None else self._make_bank()
         self.meta_opt = adam(self.model.parameters(), params.outer_lr, self.fast)
@@ -138,14 +149,24 @@ class MetaTrainer:
         chosen = torch.randperm(n, generator=self.gen)[:size] if 0 < size < n else torch.arange(n)
         return chosen[list(self.ranks.share(len(chosen)))]
 
-    def _adversarial_loss(self) -> torch.Tensor:
-        """−adv_scale · L_outer on a pseudo task from the live bank (counted once over ranks)."""
+    def _adversarial_task(self) -> TaskBatch:
+        """A pseudo task from the *live* bank, so that the outer loss's gradient reaches the images."""
         p = self.params
-        tasks = sample_pseudo_tasks(self.bank.images, 1, p.way_train, p.num_sup_train, p.num_qur_train, self.gen)
-        if not self.ranks.is_main:
-            return torch.zeros((), device=self.device)
-        outer, _ = self.learner.task_loss(self.weights(), *tasks.task(0), p.way_train)
-        return -p.adv_scale * outer
+        return sample_pseudo_tasks(self.bank.images, 1, p.way_train, p.num_sup_train, p.num_qur_train, self.gen)
+
+    def _bank_share(self, lane: int, teachers: torch.Tensor, shift: tuple[int, int],
+                    adversarial: TaskBatch | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One lane's part of the bank update: the gradient (C, P, 3, S, S) of its teachers'
+        inversion loss (lane 0 also: −adv_scale · L_outer, counted once over ranks), their
+        unweighted terms and weighted loss (len(TERMS) + 1,), and the loss with that term (0-dim)."""
+        terms = self.inversion(self.bank.images, shift, teachers)
+        loss = terms["loss"]
+        if adversarial is not None and lane == 0 and self.ranks.is_main:
+            outer, _ = self.learners[0].task_loss(self.weights(), *adversarial.task(0), self.params.way_train)
+            loss = loss - self.params.adv_scale * outer
+        g = (torch.autograd.grad(loss, [self.bank.images])[0] if loss.requires_grad
+             else torch.zeros_like(self.bank.images))  # a rank or lane with no teacher this update
+        return g, torch.stack([terms[k] for k in (*TERMS, "loss")]).detach(), loss.detach()
 
     def bank_step(self) -> tuple[dict[str, torch.Tensor], bool]:
         """One Adam step on the bank; returns the inversion terms and whether it was adversarial."""
@@ -154,15 +175,14 @@ class MetaTrainer:
             with torch.no_grad():
                 self.bank.images.copy_(self.good_bank)
             self.skipped += 1
+        # every draw before the lanes start, in the order of one lane
         shift = random_shift(self.params.inversion.jitter, self.gen)
-        terms = self.inversion(self.bank.images, shift, self._chosen_teachers())
-        loss = terms["loss"]
+        chosen = self._chosen_teachers()
         adversarial = self.curriculum.take()
-        if adversarial:
-            loss = loss + self._adversarial_loss()
-        g = (torch.autograd.grad(loss, [self.bank.images])[0] if loss.requires_grad
-             else torch.zeros_like(self.bank.images))  # a rank with no teacher this update
-        summed = torch.stack([terms[k] for k in (*TERMS, "loss")]).detach()
+        task = self._adversarial_task() if adversarial else None
+        parts = self.lanes.map(lambda lane, share: self._bank_share(
+            lane, chosen[share.start:share.stop], shift, task), len(chosen))
+        g, summed, loss = (joined([p[i] for p in parts]) for i in range(3))
         finite = (torch.isfinite(loss) & all_finite(g, self.fast)).float().reshape(1)
         self.ranks.sum_(g, summed, finite)
         if self._apply(finite, self.bank_opt, [self.bank.images], [g]):
@@ -188,20 +208,25 @@ class MetaTrainer:
         return sample_pseudo_tasks(self.bank.images.detach(), p.episode_batch, p.way_train,
                                    p.num_sup_train, p.num_qur_train, self.gen)
 
+    def _meta_share(self, lane: int, tasks: TaskBatch, weights: Weights) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One lane's part of the meta update: the gradient of its tasks' summed query losses
+        (one tensor per weight) and (summed loss, summed accuracy) (2,)."""
+        if len(tasks) == 0:
+            return [torch.zeros_like(v) for v in weights.values()], torch.zeros(2, device=self.device)
+        losses, accs = self.learners[lane].batch_loss(weights, tasks, batched=False)
+        loss = losses.sum()
+        grads = list(torch.autograd.grad(loss, list(weights.values()), allow_unused=True, materialize_grads=True))
+        return grads, torch.stack([loss.detach(), accs.sum().detach()])
+
     def meta_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One Adam step on θ over ``episode_batch`` tasks; returns (meta loss, mean accuracy)."""
         tasks = self._meta_tasks()
         weights = self.weights()
         share = list(self.ranks.share(len(tasks)))  # this rank's tasks of the meta-batch
-        if share:
-            losses, accs = self.learner.batch_loss(weights, tasks.select(share), batched=False)
-            loss = losses.sum()
-            grads = list(torch.autograd.grad(loss, list(weights.values()), allow_unused=True,
-                                             materialize_grads=True))
-            stats = torch.stack([loss.detach(), accs.sum().detach()])
-        else:
-            grads = [torch.zeros_like(v) for v in weights.values()]
-            stats = torch.zeros(2, device=self.device)
+        parts = self.lanes.map(lambda lane, mine: self._meta_share(
+            lane, tasks.select(share[mine.start:mine.stop]), weights), len(share))
+        grads = [joined(per_weight) for per_weight in zip(*(p[0] for p in parts), strict=True)]
+        stats = joined([p[1] for p in parts])
         self.ranks.sum_(*grads, stats)
         finite = (torch.isfinite(stats).all() & torch.stack([torch.isfinite(g).all() for g in grads]).all())
         self._apply(finite.float() * self.ranks.world, self.meta_opt, list(weights.values()), grads)
@@ -230,7 +255,7 @@ class MetaTrainer:
 
     def validate(self) -> float:
         """Mean meta-val accuracy (percent) on the fixed validation tasks."""
-        accs = task_accuracies(self.tester, self.weights(), self.val, self.val_tasks)
+        accs = task_accuracies(self.tester, self.weights(), self.val, self.val_tasks, lanes=self.lanes)
         return 100.0 * mean_ci95(accs)[0]
 
     # -- state -----------------------------------------------------------------------------
