@@ -18,8 +18,8 @@ import torch
 from conftest import random_pool, small_glyphs, tiny_params
 from test_equivalence import FP64_RTOL, as_float64, flat, rel
 
+from purer_mlops.lanes import ONE, lane_count, open_lanes
 from purer_mlops.meta import metatest
-from purer_mlops.meta.lanes import ONE, lane_count, open_lanes
 from purer_mlops.meta.pool import init_meta_model
 from purer_mlops.meta.train import build_trainer
 from purer_mlops.paths import Project

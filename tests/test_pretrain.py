@@ -15,6 +15,7 @@ from purer_mlops.data.dataset import load_split
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import SPLITS
 from purer_mlops.errors import UserError
+from purer_mlops.lanes import lane_count, open_lanes
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import load_pool, read_records
 from purer_mlops.paths import Project
@@ -177,14 +178,18 @@ def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: 
     files = [sorted((r / "models" / "teachers").iterdir()) for r in roots]
     assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) == 4
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*files, strict=True))
-    # teacher 2 alone, in a process that trained nothing before, gives the pool's teacher 2
+    # teachers 1 and 2 (1 on the second lane when the CPU has two threads, 2 alone on the first) each alone,
+    # at a lane's thread count, give the pool's teachers 1 and 2
     imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
-    state = train_teacher(plan_pool(p, {"glyphs": 12})[2], imageset, p).state
-    pooled = load_pool(roots[0] / "models" / "teachers")[2][1].state_dict()
-    assert all(torch.equal(v, pooled[k]) for k, v in state.items())
+    pool = load_pool(roots[0] / "models" / "teachers")
+    for index in (1, 2):
+        with open_lanes(lane_count(p.lanes, torch.device("cpu"))):
+            state = train_teacher(plan_pool(p, {"glyphs": 12})[index], imageset, p).state
+        pooled = pool[index][1].state_dict()
+        assert all(torch.equal(v, pooled[k]) for k, v in state.items()), index
     # ... and another seed gives another teacher
     other = train_teacher(plan_pool(p.replace(seed=1), {"glyphs": 12})[2], imageset, p).state
-    assert not torch.equal(other["head.weight"], pooled["head.weight"])
+    assert not torch.equal(other["head.weight"], pool[2][1].state_dict()["head.weight"])
 
 
 

@@ -11,7 +11,8 @@ fp32 matrix product's GFLOP/s measured in the same run (the distance to the mach
 and the plain/fast ratio of the medians. ``PURER_BENCH_DEVICE=cuda`` runs them on the GPU
 (CUDA is synchronised after each round). ``fast_compiled`` is ``fast`` with
 ``metatrain.compile`` (the conv4 teachers' scoring under ``torch.compile``); its compilation
-is timed apart, in its first iteration.
+is timed apart, in its first iteration. ``fast_lanes`` is ``fast`` on the lanes ``lanes: 0``
+picks (two on a CPU with two threads or more: the teachers and the tasks shared out).
 
 Teachers are freshly initialised conv4s whose BatchNorm running statistics come from a few
 forward passes: the arithmetic of an iteration does not depend on what they learned.
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from purer_mlops.config import from_dict
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import DATASETS, SPLITS
+from purer_mlops.lanes import lane_count, open_lanes
 from purer_mlops.meta.train import build_trainer
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import TeacherRecord, save_pool
@@ -115,7 +117,7 @@ def iteration_flops(step) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("mode", ["plain", "fast", "fast_bf16", "fast_compiled"])
+@pytest.mark.parametrize("mode", ["plain", "fast", "fast_lanes", "fast_bf16", "fast_compiled"])
 def test_meta_iteration(benchmark, setting, mode, capsys):
     name, root, s = setting
     params = from_dict({
@@ -124,7 +126,13 @@ def test_meta_iteration(benchmark, setting, mode, capsys):
         "device": DEVICE, "inversion": {"bf16": mode.endswith("_bf16")},
         "metatrain": {"batching": mode.split("_")[0], "val_episodes": 1, "compile": mode.endswith("_compiled")},
     })
-    trainer = build_trainer(params, Project(root))
+    lanes = lane_count(0, torch.device(DEVICE)) if mode.endswith("_lanes") else 1
+    with open_lanes(lanes) as opened:
+        time_iterations(benchmark, name, mode, build_trainer(params, Project(root), lanes=opened), capsys)
+
+
+def time_iterations(benchmark, name: str, mode: str, trainer, capsys) -> None:
+    """Time ``trainer``'s adversarial meta-iterations; print FLOP/s and the plain/mode ratio."""
     benchmark.group = f"meta_iteration_{name}"
     benchmark.name = f"meta_iteration_{name}_{mode}"
 

@@ -211,10 +211,10 @@ class Params:
     # where to compute, tracking
     device: str = knob("auto", "where to compute: `auto` (CUDA when present, else CPU), `cpu`, `cuda`",
                        PRETRAIN, *TEST, choices=("auto", "cpu", "cuda"), group=RUNTIME)
-    lanes: int = knob(0, "CPU threads split into lanes that compute the teachers of a bank update and the "
-                      "tasks of a meta-batch, meta-val and meta-test side by side (docs/performance.md): `0` "
-                      "(auto) gives 2 on a CPU with 2 threads or more; CUDA, `*.compile` and ICFIL keep 1", *TEST,
-                      ge=0, group=RUNTIME)
+    lanes: int = knob(0, "CPU threads split into lanes that compute side by side the teachers of pretraining "
+                      "and of a bank update, and the tasks of a meta-batch, meta-val and meta-test "
+                      "(docs/performance.md): `0` (auto) gives 2 on a CPU with 2 threads or more; CUDA, "
+                      "`*.compile` and ICFIL keep 1", PRETRAIN, *TEST, ge=0, group=RUNTIME)
     tracking: bool = knob(True, "log params, metrics and artifacts to MLflow", *TEST, group=RUNTIME,
                           bookkeeping=True)
     experiment_name: str = knob("purer", "MLflow experiment name", *TEST, group=RUNTIME, bookkeeping=True)

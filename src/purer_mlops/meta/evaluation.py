@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.dataset import ImageSet, TaskIndices
-from .lanes import ONE, Lanes
+from ..lanes import ONE, Lanes
 from .learners import MetaLearner, Weights
 from .tasks import TaskBatch, stack_tasks
 

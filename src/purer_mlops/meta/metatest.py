@@ -17,12 +17,12 @@ from ..config import Params
 from ..data.dataset import ImageSet, TaskIndices, fixed_tasks, load_split
 from ..distributed import pick_device
 from ..fileio import write_csv, write_json
+from ..lanes import lane_count, open_lanes
 from ..paths import Project
 from ..tracking import Tracker
 from .checkpoint import load_model
 from .evaluation import mean_ci95, task_accuracies
 from .icfil import ICFIL
-from .lanes import lane_count, open_lanes
 from .learners import build_learner
 
 

@@ -25,10 +25,10 @@ from ..distributed import SINGLE, Ranks, pick_device
 from ..errors import UserError
 from ..fileio import check_replaceable, read_json, write_csv, write_json, write_with
 from ..interrupts import Interrupted, Pending, held
+from ..lanes import ONE, Lanes, lane_count, open_lanes
 from ..paths import ModelDir, Project
 from ..tracking import Tracker
 from .checkpoint import HISTORY_FOLDER, fingerprint, matching_resume_state, model_card, save_model, save_resume_state
-from .lanes import ONE, Lanes, lane_count, open_lanes
 from .pool import load_teachers
 from .trainer import TRAIN_COLUMNS, MetaTrainer
 

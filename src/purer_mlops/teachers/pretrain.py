@@ -35,6 +35,7 @@ from ..data.dataset import ImageSet, class_view, load_split
 from ..distributed import SINGLE, Ranks
 from ..errors import UserError
 from ..fileio import write_json, write_text
+from ..lanes import lane_count, open_lanes
 from ..models.backbones import build_backbone
 from ..models.pool import TeacherRecord, save_pool
 from ..paths import Project
@@ -307,16 +308,25 @@ def _described(spec: TeacherSpec, imageset: ImageSet, t: TrainedTeacher
 
 def _trained(specs: list[TeacherSpec], sets: dict[str, ImageSet], params: Params, device: str | torch.device,
              progress: bool) -> Iterator[tuple[TeacherSpec, TrainedTeacher]]:
-    """Train ``specs`` one after another, with a progress bar of the pool's worst accuracy so far."""
+    """Train ``specs`` in order, as many side by side as there are lanes (each teacher is
+    independent and seeded by its index), with a progress bar of the pool's worst accuracy so far."""
     from tqdm import tqdm
 
     worst = 100.0
-    bar = tqdm(specs, desc="pretrain teachers", unit="teacher", disable=not progress)
-    for spec in bar:
-        result = train_teacher(spec, sets[spec.dataset], params, device)
-        worst = min(worst, result.accuracy)
-        bar.set_postfix(best_acc=f"{result.accuracy:.1f}", pool_min=f"{worst:.1f}")
-        yield spec, result
+    count = lane_count(params.lanes, torch.device(device), params.pretrain.compile)
+    with open_lanes(count) as lanes, tqdm(total=len(specs), desc="pretrain teachers", unit="teacher",
+                                          disable=not progress) as bar:
+        for start in range(0, len(specs), lanes.count):
+            batch = specs[start:start + lanes.count]
+
+            def train(lane: int, share: range, batch: list[TeacherSpec] = batch) -> list[TrainedTeacher]:
+                return [train_teacher(batch[i], sets[batch[i].dataset], params, device) for i in share]
+
+            for spec, result in zip(batch, [t for part in lanes.map(train, len(batch)) for t in part], strict=True):
+                worst = min(worst, result.accuracy)
+                bar.update(1)
+                bar.set_postfix(best_acc=f"{result.accuracy:.1f}", pool_min=f"{worst:.1f}")
+                yield spec, result
 
 
 def run(params: Params, project: Project, progress: bool = True,

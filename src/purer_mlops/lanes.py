@@ -1,13 +1,13 @@
 """Lanes: one process's CPU threads split into parallel streams of independent work.
 
-A meta-iteration is many small kernels; on a CPU, two intra-op threads run each of them only
+Much of a run is small kernels; on a CPU, two intra-op threads run each of them only about
 1.5x faster than one (measured on a 2-core EPYC, docs/performance.md). Split into lanes of
-fewer threads each, the independent parts of the work run side by side: the teachers of a
-bank update, the tasks of a meta-batch, the tasks of meta-val and meta-test. Every random
-draw stays on the calling thread, before the lanes start, so the draws (and the tasks)
-are the ones of a single lane; only the order of the floating-point sums that join the
-lanes' shares differs. Lane 0 is the calling thread; the others are pool threads, each with
-its own autograd graph (CPU autograd runs on the thread that calls it).
+fewer threads each, independent work runs side by side: the teachers being pretrained, the
+teachers of a bank update, the tasks of a meta-batch, of meta-val and of meta-test. Every
+random draw stays on the calling thread, before the lanes start, so the draws are those of a
+single lane; only the order of the floating-point sums that join the lanes' shares (and the
+thread count each kernel runs with) differs. Lane 0 is the calling thread; the others are
+pool threads, each with its own autograd graph (CPU autograd runs on the thread that calls it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from ..distributed import contiguous_share
+from .distributed import contiguous_share
 
 T = TypeVar("T")
 
