@@ -106,6 +106,20 @@ def test_two_lanes_step_equals_one_lane_in_float64(mixed_root: Path, kind: str, 
     assert torch.equal(one.gen.get_state(), two.gen.get_state())  # the same draws, in the same order
 
 
+def test_two_lane_runs_are_bit_identical(mixed_root: Path) -> None:
+    # float32, adversarial updates included: the lanes draw nothing and share no state
+    params = tiny_params(average=False, adv_start=1, patience=1)
+    runs = []
+    for _ in range(2):
+        with open_lanes(2) as lanes:
+            t = build_trainer(params, Project(mixed_root), lanes=lanes)
+            rows = [t.step() for _ in range(4)]
+        assert sum(r["adversarial"] for r in rows) >= 1
+        runs.append((rows, t.bank.images.detach().clone(), flat(t.model.parameters())))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+
+
 @contextmanager
 def threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()

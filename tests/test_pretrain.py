@@ -15,7 +15,7 @@ from purer_mlops.data.dataset import load_split
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import SPLITS
 from purer_mlops.errors import UserError
-from purer_mlops.lanes import lane_count, open_lanes
+from purer_mlops.lanes import open_lanes
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import load_pool, read_records
 from purer_mlops.paths import Project
@@ -169,7 +169,7 @@ def test_saved_weights_are_the_best_epoch_not_the_live_ones(glyph_root: Path) ->
 
 def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: Path,
                                                                       glyph_root: Path) -> None:
-    p = params(pretrain={"epochs": 1, "batch_size": 16})
+    p = params(pretrain={"epochs": 1, "batch_size": 16}, lanes=2)
     roots = [tmp_path / "a", tmp_path / "b"]
     for root in roots:
         (root / "data").mkdir(parents=True)
@@ -178,12 +178,12 @@ def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: 
     files = [sorted((r / "models" / "teachers").iterdir()) for r in roots]
     assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) == 4
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*files, strict=True))
-    # teachers 1 and 2 (1 on the second lane when the CPU has two threads, 2 alone on the first) each alone,
-    # at a lane's thread count, give the pool's teachers 1 and 2
+    # teachers 1 and 2 (trained on the second lane, and alone on the first) each trained alone
+    # at a lane's thread count give the pool's teachers 1 and 2
     imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
     pool = load_pool(roots[0] / "models" / "teachers")
     for index in (1, 2):
-        with open_lanes(lane_count(p.lanes, torch.device("cpu"))):
+        with open_lanes(p.lanes):
             state = train_teacher(plan_pool(p, {"glyphs": 12})[index], imageset, p).state
         pooled = pool[index][1].state_dict()
         assert all(torch.equal(v, pooled[k]) for k, v in state.items()), index

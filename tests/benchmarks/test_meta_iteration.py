@@ -12,7 +12,9 @@ and the plain/fast ratio of the medians. ``PURER_BENCH_DEVICE=cuda`` runs them o
 (CUDA is synchronised after each round). ``fast_compiled`` is ``fast`` with
 ``metatrain.compile`` (the conv4 teachers' scoring under ``torch.compile``); its compilation
 is timed apart, in its first iteration. ``fast_lanes`` is ``fast`` on the lanes ``lanes: 0``
-picks (two on a CPU with two threads or more: the teachers and the tasks shared out).
+picks (two when the process has two threads or more: the teachers and the tasks shared out);
+the process runs ``PURER_BENCH_THREADS`` intra-op threads (default 1, so ``fast_lanes`` is
+``fast``; ``PURER_BENCH_THREADS=2`` compares two threads with two lanes of one).
 
 Teachers are freshly initialised conv4s whose BatchNorm running statistics come from a few
 forward passes: the arithmetic of an iteration does not depend on what they learned.
@@ -40,6 +42,8 @@ from purer_mlops.models.pool import TeacherRecord, save_pool
 from purer_mlops.paths import Project
 
 DEVICE = os.environ.get("PURER_BENCH_DEVICE", "cpu")
+# intra-op threads of the process (tests/conftest.py sets one); fast_lanes splits them in two
+THREADS = int(os.environ.get("PURER_BENCH_THREADS", "1"))
 MEDIANS: dict[tuple[str, str], float] = {}  # (setting, path) -> median seconds, for the ratio line
 FLOPS: dict[str, int] = {}  # setting -> FLOPs of one iteration (the counter cannot see into compiled code)
 
@@ -50,6 +54,8 @@ SETTINGS = {
     "5w1s": dict(teachers=13, random_pool=False, num_sup_train=1, synthesis_per_class=16, inner=1, candidate=0),
     # PURER-Plus: 100 teachers on random 5-class subsets, 13 per bank update, 5 inner steps
     "plus": dict(teachers=100, random_pool=True, num_sup_train=1, synthesis_per_class=16, inner=5, candidate=13),
+    # the default `dvc repro` (params.yaml): 6 bank images per class, 1 shot
+    "default": dict(teachers=13, random_pool=False, num_sup_train=1, synthesis_per_class=6, inner=1, candidate=0),
 }
 
 
@@ -80,6 +86,14 @@ def _pool(root: Path, n: int, random_pool: bool) -> None:
                             tuple(ids.tolist()))
         teachers.append((rec, model.eval()))
     save_pool(root / "models" / "teachers", teachers)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def bench_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
@@ -128,11 +142,19 @@ def test_meta_iteration(benchmark, setting, mode, capsys):
     })
     lanes = lane_count(0, torch.device(DEVICE)) if mode.endswith("_lanes") else 1
     with open_lanes(lanes) as opened:
-        time_iterations(benchmark, name, mode, build_trainer(params, Project(root), lanes=opened), capsys)
+        flops, median, compile_note = time_iterations(benchmark, name, mode,
+                                                      build_trainer(params, Project(root), lanes=opened))
+    if mode != "plain":  # the matmul on all the process's threads, out of the lanes
+        peak = matmul_gflops()
+        plain = MEDIANS.get((name, "plain"))
+        ratio = f", plain/{mode} {plain / median:.2f}x" if plain else ""
+        with capsys.disabled():
+            print(f"\n[{name}] {flops / 1e9:.1f} GFLOP per iteration; {mode} {flops / median / 1e9:.1f} GFLOP/s "
+                  f"({median:.3f} s); dense fp32 matmul {peak:.1f} GFLOP/s{ratio}{compile_note}")
 
 
-def time_iterations(benchmark, name: str, mode: str, trainer, capsys) -> None:
-    """Time ``trainer``'s adversarial meta-iterations; print FLOP/s and the plain/mode ratio."""
+def time_iterations(benchmark, name: str, mode: str, trainer) -> tuple[int, float, str]:
+    """Time ``trainer``'s adversarial meta-iterations; returns (FLOPs, median seconds, compilation note)."""
     benchmark.group = f"meta_iteration_{name}"
     benchmark.name = f"meta_iteration_{name}_{mode}"
 
@@ -156,10 +178,4 @@ def time_iterations(benchmark, name: str, mode: str, trainer, capsys) -> None:
     median = benchmark.stats.stats.median
     MEDIANS[name, mode] = median
     benchmark.extra_info.update(gflop=flops / 1e9, gflops=flops / median / 1e9)
-    if mode != "plain":
-        peak = matmul_gflops()
-        plain = MEDIANS.get((name, "plain"))
-        ratio = f", plain/{mode} {plain / median:.2f}x" if plain else ""
-        with capsys.disabled():
-            print(f"\n[{name}] {flops / 1e9:.1f} GFLOP per iteration; {mode} {flops / median / 1e9:.1f} GFLOP/s "
-                  f"({median:.3f} s); dense fp32 matmul {peak:.1f} GFLOP/s{ratio}{compile_note}")
+    return flops, median, compile_note

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class TeacherSpec:
     dataset: str
     class_ids: tuple[int, ...]
     seed: int
+
+
+_GLOBAL_RNG = threading.Lock()  # held while a teacher is initialised from torch's global generator
 
 
 def teacher_seed(seed: int, index: int) -> int:
@@ -191,7 +195,9 @@ class TrainedTeacher:
 
 
 def _new_model(spec: TeacherSpec, image_size: int, recipe: str) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+    # seeded init without touching the caller's RNG; the lock keeps a lane training another
+    # teacher from drawing from the global generator meanwhile
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = build_backbone(spec.arch, len(spec.class_ids), image_size)
         if recipe == "reference":
