@@ -15,32 +15,16 @@ and the relative distance ‖two − one‖ / ‖one‖ of the bank and of the m
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-
-import torch
 
 from purer_mlops.config import load_params
 from purer_mlops.lanes import open_lanes
 from purer_mlops.meta.train import build_trainer
-from purer_mlops.meta.trainer import MetaTrainer
 from purer_mlops.paths import Project
 
-
-def in_float64(trainer: MetaTrainer) -> MetaTrainer:
-    """The same trainer computing in float64 (its meta-model, bank and teachers converted)."""
-    trainer.model.double()
-    trainer.bank.double()
-    trainer.good_bank = trainer.good_bank.double()
-    trainer.inversion.to(trainer.device, torch.float64)
-    return trainer
-
-
-def distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def flat(module: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_equivalence import as_float64, flat, rel  # noqa: E402  (the equivalence tests' float64 helpers)
 
 
 def main() -> None:
@@ -50,14 +34,14 @@ def main() -> None:
     parser.add_argument("--adv-start", type=int, default=2, help="first adversarial update (small: see several)")
     args = parser.parse_args()
     params = load_params(args.root / "params.yaml").replace(adv_start=args.adv_start, patience=2)
-    one = in_float64(build_trainer(params, Project(args.root)))
+    one = as_float64(build_trainer(params, Project(args.root)))
     with open_lanes(2) as lanes:
-        two = in_float64(build_trainer(params, Project(args.root), lanes=lanes))
+        two = as_float64(build_trainer(params, Project(args.root), lanes=lanes))
         for _ in range(args.iterations):
             row_two, row_one = two.step(), one.step()
             print(f"{row_one['iteration']:4d}  adversarial {row_one['adversarial']} {row_two['adversarial']}  "
-                  f"bank {distance(two.bank.images.detach(), one.bank.images.detach()):.1e}  "
-                  f"model {distance(flat(two.model), flat(one.model)):.1e}", flush=True)
+                  f"bank {rel(two.bank.images.detach(), one.bank.images.detach()):.1e}  "
+                  f"model {rel(flat(two.model.parameters()), flat(one.model.parameters())):.1e}", flush=True)
 
 
 if __name__ == "__main__":
