@@ -85,6 +85,14 @@ def test_same_seed_same_bytes_across_processes_and_other_seed_differs(tmp_path):
     assert all(tree_a[k] != tree_c[k] for k in common)  # ...and draws other images
 
 
+def test_worker_count_does_not_change_the_bytes(tmp_path):
+    one = glyphs.generate(tmp_path / "one", seed=3, images_per_class=3, progress=False, workers=1)
+    three = glyphs.generate(tmp_path / "three", seed=3, images_per_class=3, progress=False, workers=3)
+    assert one == three
+    tree = _tree_bytes(tmp_path / "one")
+    assert len(tree) == 100 * 3 and tree == _tree_bytes(tmp_path / "three")
+
+
 def test_render_does_not_depend_on_order():
     # Each image has its own random stream, so rendering order cannot matter.
     forward = [glyphs.render(0x52, 3, i) for i in range(3)]
@@ -140,7 +148,7 @@ def test_class_choice_follows_seed():
 
 @pytest.mark.parametrize(
     "kwargs", [{"images_per_class": 0}, {"images_per_class": -3}, {"images_per_class": 2.5},
-               {"images_per_class": True}, {"seed": -1}, {"seed": "0"}]
+               {"images_per_class": True}, {"seed": -1}, {"seed": "0"}, {"workers": 0}]
 )
 def test_bad_arguments_raise_user_error(tmp_path, kwargs):
     with pytest.raises(UserError, match="must be an integer"):
@@ -155,7 +163,8 @@ def test_missing_fonts_raise_user_error(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_failed_generation_keeps_previous_tree(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failed_generation_keeps_previous_tree(tmp_path, monkeypatch, workers):
     root = tmp_path / "glyphs"
     (root / "meta_train").mkdir(parents=True)  # a previous tree (a foreign file would be refused)
     (root / "meta_train" / "old.txt").write_text("previous")
@@ -170,7 +179,7 @@ def test_failed_generation_keeps_previous_tree(tmp_path, monkeypatch):
         return real_render(*args)
 
     monkeypatch.setattr(glyphs, "render", failing_render)
-    with pytest.raises(RuntimeError):
-        glyphs.generate(root, images_per_class=2, progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # forked workers see the patch too
+        glyphs.generate(root, images_per_class=2, progress=False, workers=workers)
     assert [p.name for p in tmp_path.iterdir()] == ["glyphs"]  # no half-written sibling
     assert (root / "meta_train" / "old.txt").read_text() == "previous"

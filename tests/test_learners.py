@@ -10,6 +10,8 @@
   and computes what the elementary-op one does; its max-pool gives nn.MaxPool2d's values and
   gradients.
 - ``batch_loss`` gives the same losses, accuracies and gradients batched (vmap) and looped.
+- Test-time adaptation gives the same losses on channels-last images and weights as on NCHW,
+  and ``task_accuracies`` runs a fast learner's convolutions channels-last on CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from purer_mlops.data.dataset import ImageSet
+from purer_mlops.meta.evaluation import task_accuracies
 from purer_mlops.meta.learners import MetaLearner, build_learner
 from purer_mlops.meta.tasks import TaskBatch
 from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward, max_pool2
@@ -174,9 +178,10 @@ def test_fast_batch_norm_has_a_correct_double_backward() -> None:
     torch.testing.assert_close(native(x, w, b), plain, rtol=1e-12, atol=1e-12)
 
 
-def test_fast_max_pool_equals_max_pool_with_its_gradients() -> None:
-    x = torch.randn(3, 4, 8, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
-                    requires_grad=True)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fast_max_pool_equals_max_pool_with_its_gradients(layout: torch.memory_format) -> None:
+    x = torch.randn(3, 4, 8, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.contiguous(memory_format=layout).requires_grad_()
     out, ref = max_pool2(x), torch.nn.MaxPool2d(2)(x)
     assert torch.equal(out, ref)
     w = torch.randn_like(ref)
@@ -215,3 +220,41 @@ def test_compiled_test_time_steps_equal_the_eager_ones(kind: str) -> None:
     torch.testing.assert_close(out[0], eager[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out[1], eager[1])
     assert eager[0].unique().numel() == 3
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+def test_channels_last_test_time_adaptation_equals_nchw(kind: str) -> None:
+    way = 3
+    model = tiny_model(way, torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    cl_params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
+    tasks = TaskBatch(*task(way, shot=2, query=3, dtype=torch.float64, tasks=3), way)
+    cl_tasks = tasks.channels_last()
+    assert torch.equal(cl_tasks.xs, tasks.xs) and torch.equal(cl_tasks.xq, tasks.xq)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+               for t in (cl_tasks.xs[1], cl_tasks.xq[2]))
+    learner = build_learner(kind, model, 3, 0.2, fast=True)
+    with torch.no_grad():
+        nchw = learner.batch_loss(params, tasks, batched=False)
+        cl = learner.batch_loss(cl_params, cl_tasks, batched=False)
+    torch.testing.assert_close(cl[0], nchw[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cl[1], nchw[1])
+    assert nchw[0].unique().numel() == 3
+
+
+def test_task_accuracies_run_a_fast_learner_channels_last_on_cpu() -> None:
+    way, per_class = 3, 4
+    images = torch.randint(0, 256, (way * per_class, 3, SIZE, SIZE), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    imageset = ImageSet(images, torch.arange(way).repeat_interleave(per_class), [f"c{i}" for i in range(way)],
+                        (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "toy/meta_test")
+    tasks = [(torch.arange(way), torch.tensor([[4 * c] for c in range(way)]),
+              torch.tensor([[4 * c + 1, 4 * c + 2] for c in range(way)]))] * 2
+    model = tiny_model(way)
+    layouts: list[bool] = []
+    model.features.body[0].register_forward_pre_hook(
+        lambda _m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    accs = task_accuracies(build_learner("maml", model, 2, 0.1, fast=True), dict(model.named_parameters()),
+                           imageset, tasks)
+    assert accs.shape == (2,) and bool(((accs >= 0) & (accs <= 1)).all())
+    assert len(layouts) == 2 * 3 and all(layouts)  # 2 tasks × (2 steps + the query)

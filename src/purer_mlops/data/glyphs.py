@@ -22,9 +22,13 @@ differ only in size) are pruned before sampling; see :func:`lookalike_matrix` an
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -268,39 +272,52 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _write_class(folder: Path, code_point: int, seed: int, images_per_class: int, width: int) -> None:
+    """Render and write the ``images_per_class`` PNGs of one class into the new ``folder``."""
+    folder.mkdir(parents=True)
+    for i in range(images_per_class):
+        _write_png(folder / f"{i:0{width}d}.png", render(code_point, seed, i))
+
+
 def generate(
-    root: Path, *, seed: int = 0, images_per_class: int = 100, progress: bool = True
+    root: Path, *, seed: int = 0, images_per_class: int = 100, progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
     """Write Glyph-FS under ``root`` (``root/meta_train/<class>/NNNN.png``, ...).
 
     The tree is built in a temporary sibling folder and swapped in at the end, so ``root`` is
-    either the previous tree or the complete new one.
+    either the previous tree or the complete new one. Classes are rendered by ``workers``
+    processes (default: one per CPU this process may use); every image being a function of its
+    own seed, the bytes do not depend on how many.
 
     Returns:
         ``{"classes": {"meta_train": 64, "meta_val": 16, "meta_test": 20},
         "images_per_class": ..., "removed_lookalikes": ..., "candidates": ..., "seed": ...}``.
 
     Raises:
-        UserError: bad ``seed`` / ``images_per_class``, or matplotlib's fonts are missing.
+        UserError: bad ``seed`` / ``images_per_class`` / ``workers``, or matplotlib's fonts are missing.
     """
     seed = _check_int("seed", seed, 0)
     images_per_class = _check_int("images_per_class", images_per_class, 1)
+    workers = _check_int("workers", len(os.sched_getaffinity(0)) if workers is None else workers, 1)
     paths = font_paths()
     splits = choose_classes(seed)
     _, removed = _distinct(paths)
     width = max(4, len(str(images_per_class - 1)))
 
-    total = sum(len(cps) for cps in splits.values())
-    with atomic_dir(Path(root), DATASET_FOLDER) as tmp, tqdm(
-        total=total, desc="Glyph-FS classes", unit="class", disable=not progress
-    ) as bar:
-        for split, cps in splits.items():
-            for cp in cps:
-                folder = tmp / split / class_name(cp)
-                folder.mkdir(parents=True)
-                for i in range(images_per_class):
-                    _write_png(folder / f"{i:0{width}d}.png", render(cp, seed, i))
-                bar.update()
+    with atomic_dir(Path(root), DATASET_FOLDER) as tmp, ExitStack() as stack:
+        args = [(tmp / split / class_name(cp), cp, seed, images_per_class, width)
+                for split, cps in splits.items() for cp in cps]
+        if workers == 1:
+            written: Iterator[None] = (_write_class(*a) for a in args)
+        else:
+            # Forked at the first submit, before the progress bar starts its monitor thread; a
+            # failure cancels the classes not yet started.
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            stack.callback(pool.shutdown, cancel_futures=True)
+            written = (f.result() for f in as_completed([pool.submit(_write_class, *a) for a in args]))
+        for _ in tqdm(written, total=len(args), desc="Glyph-FS classes", unit="class", disable=not progress):
+            pass
 
     return {
         "classes": {split: len(cps) for split, cps in splits.items()},

@@ -23,6 +23,12 @@ from .tasks import TaskBatch, stack_tasks
 Predictor = Callable[[Weights, TaskBatch], torch.Tensor]
 
 
+def channels_last_on_cpu(learner: MetaLearner, weights: Weights) -> bool:
+    """Whether test-time adaptation runs channels-last: a fast learner on CPU, where the
+    meta-model's small convolutions run ~1.6x faster so (first order; docs/performance.md)."""
+    return learner.fast and next(iter(weights.values())).device.type == "cpu"
+
+
 def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predict: Predictor | None
                 ) -> torch.Tensor:
     """Accuracy (T,) of each task of ``tasks`` after adaptation.
@@ -33,10 +39,12 @@ def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predic
     """
     if len(tasks) == 0:  # a lane without tasks
         return torch.zeros(0, device=tasks.yq.device)
-    if predict is None:
-        with torch.no_grad():
-            return learner.batch_loss(weights, tasks, batched=not learner.fast)[1]
-    return (predict(weights, tasks).argmax(2) == tasks.yq).float().mean(1)
+    if predict is not None:
+        return (predict(weights, tasks).argmax(2) == tasks.yq).float().mean(1)
+    if channels_last_on_cpu(learner, weights):
+        tasks = tasks.channels_last()
+    with torch.no_grad():
+        return learner.batch_loss(weights, tasks, batched=not learner.fast)[1]
 
 
 def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
@@ -44,13 +52,14 @@ def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
                     predict: Predictor | None = None, lanes: Lanes = ONE) -> torch.Tensor:
     """Accuracy (in [0, 1]) of the adapted meta-model on each task; shape (len(tasks),).
 
-    ``predict`` replaces the learner's own adaptation (ICFIL uses it, on one lane); tasks are
+    ``predict`` replaces the learner's own adaptation (ICFIL uses it); tasks are
     stacked ``chunk`` at a time, and each chunk's tasks are shared among the ``lanes``.
     """
     device = next(iter(weights.values())).device
     weights = {k: v.detach() for k, v in weights.items()}
-    if predict is not None:
-        lanes = ONE
+    if predict is None and channels_last_on_cpu(learner, weights):
+        weights = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                   for k, v in weights.items()}
     learners = learner.replicas(lanes.count)
     out = []
     for start in tqdm(range(0, len(tasks), chunk), desc="tasks", disable=not progress, leave=False):

@@ -44,6 +44,12 @@ class TaskBatch:
         """Task ``i`` as (xs (way·shot, 3, S, S), ys (way·shot,), xq (way·query, 3, S, S), yq (way·query,))."""
         return self.xs[i], self.ys[i], self.xq[i], self.yq[i]
 
+    def channels_last(self) -> TaskBatch:
+        """The same tasks with every task's images (N, 3, S, S) channels-last in memory."""
+        def nhwc(x: torch.Tensor) -> torch.Tensor:  # (T, N, 3, S, S), stored as (T, N, S, S, 3)
+            return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        return TaskBatch(nhwc(self.xs), self.ys, nhwc(self.xq), self.yq, self.way)
+
     def to(self, dtype: torch.dtype) -> TaskBatch:
         """The same tasks with images of ``dtype`` (labels unchanged)."""
         return TaskBatch(self.xs.to(dtype), self.ys, self.xq.to(dtype), self.yq, self.way)

@@ -74,10 +74,11 @@ class BatchStatNorm2d(nn.BatchNorm2d):
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
     """2×2 max-pool with stride 2 of x (N, C, H, W), as ``nn.MaxPool2d(2)`` computes it.
 
-    On CPU the argmax comes from the channels-last kernel (several times faster than the
-    NCHW one) and the values are gathered at it, so autograd, to any order, follows the gather.
+    On CPU the argmax of an NCHW x comes from the channels-last kernel (several times faster
+    than the NCHW one) and the values are gathered at it, so autograd, to any order, follows
+    the gather. A channels-last x (test-time adaptation) goes to that kernel directly.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
         return F.max_pool2d(x, 2)
     n, c, h, w = x.shape
     with torch.no_grad():
