@@ -39,25 +39,9 @@ def test_shares_cover_every_item_once_in_order() -> None:
     with open_lanes(3) as lanes:
         for n in (0, 1, 2, 7, 13):
             shares = lanes.shares(n)
-            assert len(shares) == min(3, max(n, 1))  # a lane per item when there are fewer
+            assert len(shares) == 3
             assert [i for s in shares for i in s] == list(range(n))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
-
-
-def test_fewer_items_than_lanes_take_the_idle_lanes_threads() -> None:
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
-        with open_lanes(4) as lanes:
-            assert lanes.threads == 1
-            one = lanes.map(lambda lane, share: (lane, list(share), threading.get_ident(), torch.get_num_threads()), 1)
-            two = lanes.map(lambda lane, share: (lane, list(share), torch.get_num_threads()), 2)
-            assert one == [(0, [0], threading.get_ident(), 4)]  # the caller, with every thread
-            assert two == [(0, [0], 2), (1, [1], 2)]
-            assert torch.get_num_threads() == 1  # back at the lane's count
-            assert {t for *_, t in lanes.map(lambda lane, share: (lane, torch.get_num_threads()), 8)} == {1}
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_map_runs_the_lanes_on_threads_of_their_own_and_restores_the_thread_count() -> None:

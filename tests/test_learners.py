@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from purer_mlops.data.dataset import ImageSet
-from purer_mlops.meta.evaluation import task_accuracies
+from purer_mlops.meta.evaluation import channels_last, task_accuracies
 from purer_mlops.meta.learners import MetaLearner, build_learner
 from purer_mlops.meta.tasks import TaskBatch
 from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward, max_pool2
@@ -227,7 +227,7 @@ def test_channels_last_test_time_adaptation_equals_nchw(kind: str) -> None:
     way = 3
     model = tiny_model(way, torch.float64)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    cl_params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
+    cl_params = channels_last(params)
     tasks = TaskBatch(*task(way, shot=2, query=3, dtype=torch.float64, tasks=3), way)
     cl_tasks = tasks.channels_last()
     assert torch.equal(cl_tasks.xs, tasks.xs) and torch.equal(cl_tasks.xq, tasks.xq)

@@ -15,6 +15,7 @@ from purer_mlops.data.dataset import load_split
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import SPLITS
 from purer_mlops.errors import UserError
+from purer_mlops.lanes import open_lanes
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool import load_pool, read_records
 from purer_mlops.paths import Project
@@ -170,30 +171,26 @@ def test_same_seed_gives_identical_files_and_teachers_are_independent(tmp_path: 
                                                                       glyph_root: Path) -> None:
     p = params(pretrain={"epochs": 1, "batch_size": 16}, lanes=2)
     roots = [tmp_path / "a", tmp_path / "b"]
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # two lanes of one thread
-    try:
-        for root in roots:
-            (root / "data").mkdir(parents=True)
-            (root / "data" / "glyphs").symlink_to(glyph_root / "data" / "glyphs")
-            run(p, Project(root), progress=False)
-        files = [sorted((r / "models" / "teachers").iterdir()) for r in roots]
-        assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) == 4  # 3 + pool.json
-        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*files, strict=True))
-        # teacher 1 (trained on the second lane) trained alone at a lane's thread count, and
-        # teacher 2 (the last, alone: both threads) trained alone at two, give the pool's
-        imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
-        pool = load_pool(roots[0] / "models" / "teachers")
-        for index, threads in ((1, 1), (2, 2)):
-            torch.set_num_threads(threads)
+    for root in roots:
+        (root / "data").mkdir(parents=True)
+        (root / "data" / "glyphs").symlink_to(glyph_root / "data" / "glyphs")
+        run(p, Project(root), progress=False)
+    files = [sorted((r / "models" / "teachers").iterdir()) for r in roots]
+    assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) == 4
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*files, strict=True))
+    # teachers 1 and 2 (trained on the second lane, and alone on the first) each trained alone
+    # at a lane's thread count give the pool's teachers 1 and 2
+    imageset = load_split("glyphs", glyph_root / "data" / "glyphs", "meta_train")
+    pool = load_pool(roots[0] / "models" / "teachers")
+    for index in (1, 2):
+        with open_lanes(p.lanes):
             state = train_teacher(plan_pool(p, {"glyphs": 12})[index], imageset, p).state
-            pooled = pool[index][1].state_dict()
-            assert all(torch.equal(v, pooled[k]) for k, v in state.items()), index
-    finally:
-        torch.set_num_threads(before)
+        pooled = pool[index][1].state_dict()
+        assert all(torch.equal(v, pooled[k]) for k, v in state.items()), index
     # ... and another seed gives another teacher
     other = train_teacher(plan_pool(p.replace(seed=1), {"glyphs": 12})[2], imageset, p).state
     assert not torch.equal(other["head.weight"], pool[2][1].state_dict()["head.weight"])
+
 
 
 def test_compiled_training_step_gives_the_eager_loss_and_gradients(glyph_root: Path) -> None:

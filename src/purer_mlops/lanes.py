@@ -25,27 +25,21 @@ T = TypeVar("T")
 
 
 class Lanes:
-    """``count`` lanes of ``threads`` intra-op threads each, out of the caller's ``total``
-    (build with :func:`open_lanes`)."""
+    """``count`` lanes of ``threads`` intra-op threads each (build with :func:`open_lanes`)."""
 
-    def __init__(self, count: int, threads: int, total: int = 0):
-        self.count, self.threads, self.total = count, threads, total or count * threads
+    def __init__(self, count: int, threads: int):
+        self.count, self.threads = count, threads
         self._pool = (ThreadPoolExecutor(count - 1, thread_name_prefix="lane", initializer=torch.set_num_threads,
                                          initargs=(threads,)) if count > 1 else None)
 
     def shares(self, n: int) -> list[range]:
-        """``n`` items (teachers, tasks) as one contiguous range per busy lane: every lane, or
-        one per item when there are fewer items than lanes (one empty range when n is 0)."""
-        busy = max(1, min(n, self.count))
-        return [contiguous_share(n, lane, busy) for lane in range(busy)]
+        """``n`` items (teachers, tasks) as one contiguous range per lane (empty when n < count)."""
+        return [contiguous_share(n, lane, self.count) for lane in range(self.count)]
 
     def map(self, fn: Callable[[int, range], T], n: int) -> list[T]:
-        """``fn(lane, share)`` for every busy lane's share of ``n`` items, side by side; results
-        in lane order. Lanes left without items give their threads to the busy ones."""
+        """``fn(lane, share)`` for every lane's share of ``n`` items, side by side; results in lane order."""
         shares = self.shares(n)
-        if len(shares) < self.count:
-            fn = _at_threads(fn, max(self.threads, self.total // len(shares)), self.threads)
-        if len(shares) == 1:
+        if self._pool is None:
             return [fn(0, shares[0])]
         futures = [self._pool.submit(fn, lane, share) for lane, share in enumerate(shares) if lane > 0]
         try:
@@ -57,17 +51,6 @@ class Lanes:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-
-
-def _at_threads(fn: Callable[[int, range], T], threads: int, after: int) -> Callable[[int, range], T]:
-    """``fn`` run at ``threads`` intra-op threads, its lane set back to ``after`` when it returns."""
-    def run(lane: int, share: range) -> T:
-        torch.set_num_threads(threads)
-        try:
-            return fn(lane, share)
-        finally:
-            torch.set_num_threads(after)
-    return run
 
 
 ONE = Lanes(1, 0)  # everything on the calling thread, at its thread count
@@ -93,7 +76,7 @@ def open_lanes(count: int) -> Iterator[Lanes]:
         yield ONE
         return
     before = torch.get_num_threads()
-    lanes = Lanes(count, max(1, before // count), before)
+    lanes = Lanes(count, max(1, before // count))
     torch.set_num_threads(lanes.threads)
     try:
         yield lanes

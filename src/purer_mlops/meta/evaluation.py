@@ -29,6 +29,11 @@ def channels_last_on_cpu(learner: MetaLearner, weights: Weights) -> bool:
     return learner.fast and next(iter(weights.values())).device.type == "cpu"
 
 
+def channels_last(weights: Weights) -> Weights:
+    """The same weights, the convolutions' (4-D) channels-last in memory."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in weights.items()}
+
+
 def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predict: Predictor | None
                 ) -> torch.Tensor:
     """Accuracy (T,) of each task of ``tasks`` after adaptation.
@@ -58,8 +63,7 @@ def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
     device = next(iter(weights.values())).device
     weights = {k: v.detach() for k, v in weights.items()}
     if predict is None and channels_last_on_cpu(learner, weights):
-        weights = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                   for k, v in weights.items()}
+        weights = channels_last(weights)
     learners = learner.replicas(lanes.count)
     out = []
     for start in tqdm(range(0, len(tasks), chunk), desc="tasks", disable=not progress, leave=False):

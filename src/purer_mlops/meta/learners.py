@@ -53,7 +53,8 @@ class MetaLearner:
             uses detached meta-parameters, so it builds no graph at all.
         fast: task losses run the model's fast forward
             (:func:`~purer_mlops.models.backbones.fast_forward`: native batch norm, max-pool
-            before ReLU); False: the plain one. Channels-last did not pay here (small batches).
+            before ReLU); False: the plain one. Test-time adaptation then runs channels-last on CPU
+            (:mod:`.evaluation`); the meta update stays NCHW (channels-last did not pay there).
         compiled: each inner step runs under ``torch.compile`` (test-time adaptation only: the
             meta-gradient's double backward does not compile).
     """
