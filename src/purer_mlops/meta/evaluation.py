@@ -46,8 +46,6 @@ def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predic
         return torch.zeros(0, device=tasks.yq.device)
     if predict is not None:
         return (predict(weights, tasks).argmax(2) == tasks.yq).float().mean(1)
-    if channels_last_on_cpu(learner, weights):
-        tasks = tasks.channels_last()
     with torch.no_grad():
         return learner.batch_loss(weights, tasks, batched=not learner.fast)[1]
 
@@ -62,12 +60,15 @@ def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,
     """
     device = next(iter(weights.values())).device
     weights = {k: v.detach() for k, v in weights.items()}
-    if predict is None and channels_last_on_cpu(learner, weights):
+    nhwc = predict is None and channels_last_on_cpu(learner, weights)
+    if nhwc:
         weights = channels_last(weights)
     learners = learner.replicas(lanes.count)
     out = []
     for start in tqdm(range(0, len(tasks), chunk), desc="tasks", disable=not progress, leave=False):
         batch = stack_tasks(imageset, tasks[start:start + chunk], device)
+        if nhwc:
+            batch = batch.channels_last()
 
         def lane_accuracies(lane: int, share: range, batch: TaskBatch = batch) -> torch.Tensor:
             return _accuracies(learners[lane], weights, batch.select(slice(share.start, share.stop)), predict).cpu()
