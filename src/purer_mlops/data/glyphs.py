@@ -25,6 +25,7 @@ import functools
 import multiprocessing
 import os
 import re
+import sys
 import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -272,6 +273,12 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _default_workers() -> int:
+    """One process per CPU this process may use on Linux; one elsewhere (the workers are
+    forked, which macOS does not make safe once torch is loaded)."""
+    return len(os.sched_getaffinity(0)) if sys.platform == "linux" else 1
+
+
 def _write_class(folder: Path, code_point: int, seed: int, images_per_class: int, width: int) -> None:
     """Render and write the ``images_per_class`` PNGs of one class into the new ``folder``."""
     folder.mkdir(parents=True)
@@ -287,7 +294,7 @@ def generate(
 
     The tree is built in a temporary sibling folder and swapped in at the end, so ``root`` is
     either the previous tree or the complete new one. Classes are rendered by ``workers``
-    processes (default: one per CPU this process may use); every image being a function of its
+    processes (default: one per CPU this process may use, on Linux); every image being a function of its
     own seed, the bytes do not depend on how many.
 
     Returns:
@@ -299,7 +306,7 @@ def generate(
     """
     seed = _check_int("seed", seed, 0)
     images_per_class = _check_int("images_per_class", images_per_class, 1)
-    workers = _check_int("workers", len(os.sched_getaffinity(0)) if workers is None else workers, 1)
+    workers = _check_int("workers", _default_workers() if workers is None else workers, 1)
     paths = font_paths()
     splits = choose_classes(seed)
     _, removed = _distinct(paths)
