@@ -6,7 +6,8 @@
 - a flat query folder in small batches: every image gets one row, probabilities sum to 1, and
   a progress bar counts the images on stderr;
 - each bad input (empty class folder, one class, more classes than the head, unreadable
-  image, grey mixed with colour, a card that does not match the weights, a card without the
+  image, grey mixed with colour, an image over the pixel bound or a decompression bomb (a small
+  PNG that says 20000 x 20000), a card that does not match the weights, a card without the
   test-time settings) stops with one line, exit 2, and no predictions file.
 """
 
@@ -133,6 +134,10 @@ BAD = {
                                 ["6 classes", "head has 5 outputs"]),
     "unreadable image": (lambda s, q, m: (q / "q1.jpg").write_bytes(b"not a jpeg"), ["q1.jpg", "cannot be read"]),
     "grey mixed with colour": (lambda s, q, m: image(q / "q1.jpg", mode="L"), ["grey", "colour", "q1.jpg"]),
+    "over the pixel bound": (lambda s, q, m: Image.new("1", (8000, 8000)).save(q / "big.png"),
+                             ["big.png", "8000x8000", "megapixels", "downscale"]),
+    "a decompression bomb": (lambda s, q, m: Image.new("1", (20000, 20000)).save(s / "c0" / "bomb.png"),
+                             ["bomb.png", "million pixels", "downscale"]),
     "card not matching the weights": (lambda s, q, m: break_card(m / "best.json", {"backbone": "resnet10"}),
                                       ["resnet10", "weights are conv4"]),
     "card without test-time settings": (lambda s, q, m: break_card(m / "best.json", {"adaptation": None}),

@@ -7,7 +7,10 @@
   with its linked metrics, the teachers and splits as dataset inputs with their DVC hashes (from
   dvc.lock when it records them), metatest nested under metatrain, one child run per compared
   method;
-- ``mlflow models serve`` on 127.0.0.1 answers one task over HTTP with the in-process predictions.
+- ``mlflow models serve`` on 127.0.0.1 answers one task over HTTP with the in-process predictions,
+  after refusing, in one line with HTTP 400, a request that names a file on the server;
+- ``purer serve`` refuses a body over its bound (413) or without a length (411) before reading
+  it, and answers the next task as ``mlflow models serve`` does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
 import mlflow
@@ -40,6 +44,7 @@ from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.paths import Project
+from purer_mlops.serve.pyfunc import IMAGE_ROOT
 from purer_mlops.tracking import open_tracker
 from purer_mlops.tracking.inputs import dvc_md5
 
@@ -52,10 +57,11 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def task_frame(support: Path, query: Path) -> pd.DataFrame:
-    """The task of two folders as the pyfunc model's input: support by path, query as image bytes."""
-    rows = [{"role": "support", "label": f.parent.name, "path": str(f), "image": b""}
-            for f in sorted(support.glob("*/*.png"))]
+def task_frame(support: Path, query: Path, support_by_path: bool = True) -> pd.DataFrame:
+    """The task of two folders as the pyfunc model's input: support by path (or as image bytes),
+    query as image bytes."""
+    rows = [{"role": "support", "label": f.parent.name, "path": str(f) if support_by_path else "",
+             "image": b"" if support_by_path else f.read_bytes()} for f in sorted(support.glob("*/*.png"))]
     rows += [{"role": "query", "label": f.parent.name, "path": "", "image": f.read_bytes()}
              for f in sorted(query.glob("*/*.png"))]
     return pd.DataFrame(rows)
@@ -85,6 +91,7 @@ def test_the_logged_pyfunc_model_predicts_what_metatest_predicts(adapt_project, 
     root = copy_project(adapt_project, tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(IMAGE_ROOT, str(root))  # the support goes by path: allowed under this folder only
     params = adapt_params(tracking=True, experiment_name="pyfunc")
     metrics = json.loads((adapt_project / "results" / "metatrain" / "metrics.json").read_text())
     with open_tracker(params, "metatrain", root) as tracker:
@@ -178,16 +185,57 @@ def test_mlflow_models_serve_answers_a_task_over_http(server_runs):
     (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     root, tmp = server_runs["root"], server_runs["tmp"]
     expected, support, query = metatest_probabilities(root)
-    frame = task_frame(support, query)
+    frame = task_frame(support, query, support_by_path=False)
+    spied = frame.copy()
+    spied.loc[0, ["path", "image"]] = ["/etc/passwd", b""]
     port = free_port()
-    body = {"dataframe_split": {"columns": list(frame.columns), "data": [
-        [r.role, r.label, r.path, base64.b64encode(r.image).decode()] for r in frame.itertuples()]}}
     with background([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{model.model_id}", "--env-manager",
                      "local", "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}/ping",
                     tmp / "serve.log", env={"MLFLOW_TRACKING_URI": server_runs["uri"]}, cwd=tmp):
-        request = Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                          headers={"Content-Type": "application/json"})
-        with urlopen(request, timeout=120) as response:
-            answer = pd.DataFrame(json.loads(response.read())["predictions"])
+        status, refused = post_task(port, spied)
+        _, answer = post_task(port, frame)  # the next good request is answered
+    assert status == 400 and "stack_trace" not in refused and refused["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert refused["message"].startswith("row 0 names a file path") and "\n" not in refused["message"]  # no echo
+    answer = pd.DataFrame(answer["predictions"])
     assert len(answer) == 75
     assert torch.allclose(probabilities(answer), expected.double(), atol=2e-6)
+
+
+def post_task(port: int, frame: pd.DataFrame) -> tuple[int, dict]:
+    """POST the task to a served model on 127.0.0.1: HTTP status and the JSON answer."""
+    body = {"dataframe_split": {"columns": list(frame.columns), "data": [
+        [r.role, r.label, r.path, base64.b64encode(r.image).decode()] for r in frame.itertuples()]}}
+    return answer_of(Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"}))
+
+
+@pytest.mark.slow
+def test_purer_serve_bounds_the_request_before_reading_it(server_runs):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server_runs["uri"])
+    (model,) = client.search_logged_models(
+        experiment_ids=[client.get_experiment_by_name("served").experiment_id])
+    root, tmp = server_runs["root"], server_runs["tmp"]
+    expected, support, query = metatest_probabilities(root)
+    port = free_port()
+    with background([str(BIN / "purer"), "serve", f"models:/{model.model_id}", "--port", str(port),
+                     "--max-request-mb", "1"], f"http://127.0.0.1:{port}/ping", tmp / "purer-serve.log",
+                    env={"MLFLOW_TRACKING_URI": server_runs["uri"]}, cwd=tmp):
+        url = f"http://127.0.0.1:{port}/invocations"
+        too_large = answer_of(Request(url, data=b"{" + b" " * 2**21 + b"}",
+                                      headers={"Content-Type": "application/json"}))
+        unsized = answer_of(Request(url, data=iter([b"{}"]), headers={"Content-Type": "application/json"}))
+        status, answer = post_task(port, task_frame(support, query, support_by_path=False))
+    assert too_large[0] == 413 and "over the 1048576 this server takes" in too_large[1]["message"]
+    assert unsized[0] == 411 and "Content-Length" in unsized[1]["message"]
+    assert status == 200
+    assert torch.allclose(probabilities(pd.DataFrame(answer["predictions"])), expected.double(), atol=2e-6)
+
+
+def answer_of(request: Request) -> tuple[int, dict]:
+    try:
+        with urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except HTTPError as err:
+        return err.code, json.loads(err.read())

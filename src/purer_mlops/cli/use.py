@@ -1,4 +1,5 @@
-"""Using the meta-model: `purer adapt` adapts it to a user's few-shot task and labels the query."""
+"""Using the meta-model: `purer adapt` adapts it to a user's few-shot task and labels the query;
+`purer serve` answers such tasks over HTTP."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ DEFAULT_MODEL = Path("models") / "meta" / "best"
 def register(cli: click.Group) -> None:
     """Add the commands that use a trained meta-model to ``cli``."""
     cli.add_command(adapt)
+    cli.add_command(serve)
 
 
 def csv_text(columns: dict[str, list]) -> str:
@@ -74,3 +76,32 @@ def adapt(support: Path, query: Path, model: Path, out: Path, icfil: bool, param
     if accuracy is not None:
         summary["accuracy"] = accuracy
     echo_json(summary)
+
+
+@click.command()
+@click.argument("model_uri")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on; 0.0.0.0 opens the server to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
+@click.option("--max-request-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+              help="The largest request body taken; a larger one is refused (HTTP 413) before it is read.")
+@click.option("--image-root", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Let requests name image files by path, under this folder only [default: image bytes only].")
+def serve(model_uri: str, host: str, port: int, max_request_mb: float, image_root: Path | None) -> None:
+    """Serve the logged meta-model MODEL_URI (models:/<id>, runs:/<run>/meta_model, a folder)
+    over HTTP: `mlflow models serve`'s /invocations, with every request bounded.
+
+    \b
+    Takes the JSON of `mlflow models serve` (docs/adapt.md); a refused request gets HTTP 4xx
+    and one line, and the server goes on. Set MLFLOW_TRACKING_URI for models:/ and runs:/ URIs.
+    """
+    import os
+
+    from ..serve.http import serve as serve_http
+    from ..serve.pyfunc import IMAGE_ROOT
+
+    if image_root is not None:
+        os.environ[IMAGE_ROOT] = str(image_root.resolve())
+    else:
+        os.environ.pop(IMAGE_ROOT, None)
+    serve_http(model_uri, host, port, int(max_request_mb * 2**20))

@@ -7,9 +7,11 @@ normalisation to float happens per batch, on the device that consumes it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -19,17 +21,44 @@ from ..errors import UserError
 from .filelist import filelist_path, read_filelist
 from .registry import DATASETS
 
+# The most pixels an image may have: its header is read first and a larger image is refused
+# before it is decoded, so one small file (a 90 KB PNG can say 20000 x 20000) cannot take
+# gigabytes of memory. 50 megapixels holds any camera photo of today; the meta-model sees
+# images of tens of pixels.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def _too_large(name: object, pixels: str) -> UserError:
+    return UserError(f"image {name} is {pixels} pixels, over the {MAX_IMAGE_PIXELS // 1_000_000} megapixels purer "
+                     "decodes: downscale it (a few hundred pixels a side is plenty).")
+
+
+@contextmanager
+def open_image(file: Path | BinaryIO, name: object) -> Iterator[Image.Image]:
+    """``Image.open`` of an image (nothing decoded yet) that is refused, as a :class:`UserError`
+    naming it, when its header says more than :data:`MAX_IMAGE_PIXELS` pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our bound is lower than PIL's
+            with Image.open(file) as im:
+                if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+                    raise _too_large(name, f"{im.size[0]}x{im.size[1]}")
+                yield im
+    except Image.DecompressionBombError as err:  # PIL refuses at twice its own bound, before we see a size
+        raise _too_large(name, f"more than {2 * Image.MAX_IMAGE_PIXELS // 1_000_000} million") from err
+
 
 def decode_image(path: Path, size: int) -> np.ndarray:
     """Decode one image to RGB uint8 of shape (size, size, 3), resized bilinearly if needed.
 
     Grayscale, RGBA, palette and 16-bit images are converted, not refused.
-    A missing, empty, truncated or non-image file is a :class:`UserError` naming it.
+    A missing, empty, truncated or non-image file, or one over :data:`MAX_IMAGE_PIXELS`, is a
+    :class:`UserError` naming it.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with open_image(path, path) as im:
                 im.load()
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     # 16-bit (or 32-bit int) grey: scale to 8 bits before the RGB conversion.
@@ -39,7 +68,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
                 rgb = im.convert("RGB")
     except FileNotFoundError as err:
         raise UserError(f"image {path} is missing: re-run `purer filelist`, or restore the file.") from err
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError) as err:
         raise UserError(f"image {path} cannot be read ({err}): it is empty, truncated or not an image. "
                         "Remove or replace it, then re-run `purer filelist`.") from err
     if rgb.size != (size, size):

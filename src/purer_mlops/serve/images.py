@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from ..data.dataset import ImageSet, decode_image
+from ..data.dataset import ImageSet, decode_image, open_image
 from ..data.registry import IMAGE_SUFFIXES
 from ..errors import UserError
 
@@ -116,9 +116,10 @@ def read_task(support: Path, query: Path) -> FewShotTask:
 
 
 def image_mode(source: Source) -> str:
-    """The image's mode from its header (cheap: nothing decoded); unreadable → :class:`UserError`."""
+    """The image's mode from its header (cheap: nothing decoded); unreadable or over
+    :data:`~purer_mlops.data.dataset.MAX_IMAGE_PIXELS` → :class:`UserError`."""
     try:
-        with Image.open(source.open()) as im:
+        with open_image(source.open(), source.name) as im:
             return im.mode
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise UserError(f"image {source.name} cannot be read ({err}): it is empty, truncated or not an "
