@@ -54,6 +54,30 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: flo
         time.sleep(0.05)
 
 
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` now (from /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (zombies of a reaped-later child count as ended)."""
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    return [pid for pid in pids if running(pid)]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_glyphs: Path) -> Path:
     """Tiny Glyph-FS, two untrained conv4 teachers, a finished meta-training run. Copy before use."""
@@ -158,9 +182,15 @@ def test_kill_9_during_prepare_then_the_next_run_removes_the_temporary(project: 
         return any(p.name.startswith(".glyphs.") and any(p.rglob("*.png")) for p in data.iterdir())
 
     wait_for(writing, proc)
+    workers = children(proc.pid)
+    assert workers  # prepare renders with one process per CPU (two or more here)
     proc.kill()
     proc.wait()
     assert [p for p in data.iterdir() if p.name.startswith(".glyphs.")]  # left behind by kill -9
+    deadline = time.monotonic() + 10
+    while alive(workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(workers), f"workers outlived their parent: {alive(workers)}"
     write_params(project, {"glyphs.images_per_class": 2})
     done = purer(project, "prepare", "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]

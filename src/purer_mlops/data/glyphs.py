@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from ..children import die_with_parent
 from ..errors import UserError
 from ..fileio import atomic_dir
 from .registry import DATASET_FOLDER
@@ -320,7 +321,8 @@ def generate(
         else:
             # Forked at the first submit, before the progress bar starts its monitor thread; a
             # failure cancels the classes not yet started.
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=die_with_parent, initargs=(os.getpid(),))
             stack.callback(pool.shutdown, cancel_futures=True)
             written = (f.result() for f in as_completed([pool.submit(_write_class, *a) for a in args]))
         for _ in tqdm(written, total=len(args), desc="Glyph-FS classes", unit="class", disable=not progress):
