@@ -8,7 +8,8 @@
 - each bad input (empty class folder, one class, more classes than the head, unreadable
   image, grey mixed with colour, an image over the pixel bound or a decompression bomb (a small
   PNG that says 20000 x 20000), a card that does not match the weights, a card without the
-  test-time settings) stops with one line, exit 2, and no predictions file.
+  test-time settings, a card field of the wrong type or out of bounds, weights holding NaN) stops
+  with one line, exit 2, and no predictions file.
 """
 
 from __future__ import annotations
@@ -142,7 +143,26 @@ BAD = {
                                       ["resnet10", "weights are conv4"]),
     "card without test-time settings": (lambda s, q, m: break_card(m / "best.json", {"adaptation": None}),
                                         ["no test-time adaptation", "purer metatrain"]),
+    "card image size 100000": (lambda s, q, m: break_card(m / "best.json", {"image_size": 100000}),
+                               ["best.json", "'image_size' is 100000", "from 4 to 512"]),
+    "card std of zeros": (lambda s, q, m: break_card(m / "best.json", {"std": [0, 0, 0]}),
+                          ["best.json", "'std'", "above 0.0"]),
+    "card inner_lr NaN": (lambda s, q, m: break_card(m / "best.json", {"adaptation": {
+        **json.loads((m / "best.json").read_text())["adaptation"], "inner_lr": float("nan")}}),
+        ["'adaptation.inner_lr' is nan", "finite"]),
+    "card way as text": (lambda s, q, m: break_card(m / "best.json", {"way": "five"}), ["'way' is 'five'"]),
+    "card unknown meta-learner": (lambda s, q, m: break_card(m / "best.json", {"meta_learner": "reptile"}),
+                                  ["'meta_learner' is 'reptile'", "maml"]),
+    "weights overwritten with NaN": (lambda s, q, m: nan_weights(m / "best.safetensors"),
+                                     ["best.safetensors", "NaN or Inf", "dvc checkout"]),
 }
+
+
+def nan_weights(path: Path) -> None:
+    """The weights file of the same size and header with every float NaN (a corrupt cache object)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(path)).items()}, str(path))
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -256,3 +256,16 @@ def test_import_needs_class_ids_without_dataset(tmp_path: Path) -> None:
     records = import_pool(src, write_manifest(manifest, [entry("t.pt")]), tmp_path / "out",
                           root=tmp_path)
     assert records[0].class_ids == (0, 1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"std": [0, 0, 0]}, ["std must be 3 finite numbers above 0", "[0.0, 0.0, 0.0]"]),
+    ({"mean": [0.5, float("nan"), 0.5]}, ["mean must be 3 finite numbers"]),
+    ({"std": [0.2, 0.2]}, ["'std' must be a list of 3 numbers"]),
+    ({"image_size": 100000}, ["image_size must be from 1 to 512", "100000"]),
+])
+def test_a_hand_edited_record_is_refused_on_load(pool: Path, change: dict, words: list[str]) -> None:
+    edit_pool_json(pool, **change)  # the weights' hash still matches: only the record's fields can object
+    with pytest.raises(UserError) as info:
+        load_pool(pool)
+    assert all(w in str(info.value) for w in words) and "teacher" in str(info.value)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +26,9 @@ from ..config.reference import fingerprint_knobs
 from ..errors import UserError
 from ..fileio import OutputFolder, write_bytes, write_json, write_with
 from ..models.backbones import ARCHITECTURES, Classifier, build_backbone
+from ..models.pool import MAX_IMAGE_SIZE
 from ..paths import ModelDir
+from .learners import LEARNERS
 
 HISTORY_FOLDER = OutputFolder("a folder of validated models (iter_*.safetensors, iter_*.json)",
                               r"iter_\d+\.(safetensors|json)")
@@ -84,8 +88,60 @@ def weights_architecture(state: dict[str, torch.Tensor], way: int, image_size: i
     return None
 
 
+def _whole(low: int, high: int) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+            f"a whole number from {low} to {high}")
+
+
+def _number(low: float, high: float) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and low < v <= high, f"a finite number above {low} and at most {high}")
+
+
+def _triple(low: float) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: isinstance(v, list) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > low for x in v),
+        f"a list of 3 finite numbers above {low}")
+
+
+# What a card's fields may hold (`purer adapt` and metatest trust them: an image size of 100000
+# or a NaN learning rate would run away or predict NaN). The bounds are documented in
+# docs/reliability.md; a path is "a.b" for a field of a nested section.
+CARD_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "backbone": (lambda v: v in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
+    "meta_learner": (lambda v: v in LEARNERS, f"one of {', '.join(LEARNERS)}"),
+    "way": _whole(2, 1000),
+    "image_size": _whole(4, MAX_IMAGE_SIZE),
+    "iteration": _whole(0, 10**9),
+    "mean": _triple(-math.inf),
+    "std": _triple(0.0),
+    "adaptation.inner_steps": _whole(0, 1000),
+    "adaptation.inner_lr": _number(0.0, 100.0),
+    "adaptation.query_batch": _whole(1, 100_000),
+}
+
+
+def check_card(card: object, path: Path) -> None:
+    """Refuse a card field that is missing, of the wrong type or out of bounds, in one line
+    naming the file, the field and the fix (cards without the test-time sections are older
+    cards: `purer adapt` refuses them with its own message)."""
+    if not isinstance(card, dict):
+        raise UserError(f"model card {path} is not a JSON object: restore it (`dvc checkout {path.parent}`) or "
+                        "re-run `purer metatrain`.")
+    for field, (valid, wanted) in CARD_FIELDS.items():
+        section, _, key = field.rpartition(".")
+        holder = card.get(section) if section else card
+        if section and not isinstance(holder, dict):
+            continue
+        value = holder.get(key, "<missing>")
+        if not valid(value):
+            raise UserError(f"model card {path}: field '{field}' is {value!r}; it must be {wanted}. Restore the "
+                            f"card (`dvc checkout {path.parent}`) or re-run `purer metatrain`.")
+
+
 def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
-    """Rebuild a meta-model saved by :func:`save_model` (no unpickling: safetensors + JSON)."""
+    """Rebuild a meta-model saved by :func:`save_model` (no unpickling: safetensors + JSON); its
+    card is checked field by field and its weights must be finite."""
     weights, card_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not weights.is_file() or not card_path.is_file():
         raise UserError(f"meta-model {weights} (and its .json card) not found: run `purer metatrain` "
@@ -93,6 +149,7 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifi
     check_finished(ModelDir(stem.parent))
     try:
         card = json.loads(card_path.read_text())
+        check_card(card, card_path)
         model = build_backbone(card["backbone"], card["way"], card["image_size"], track_running_stats=False)
         state = load_file(str(weights))
         if state.keys() != model.state_dict().keys():
@@ -101,6 +158,10 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifi
                             f"but the weights are {found}. Restore the card (`dvc checkout {stem.parent}`) or "
                             "re-run `purer metatrain`.")
         model.load_state_dict(state, strict=True)
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise UserError(f"meta-model {weights}: tensor {broken[0]} holds NaN or Inf (a corrupt file or cache "
+                            f"object): restore it (`dvc checkout {stem.parent}`) or re-run `purer metatrain`.")
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         reason = " ".join(str(err).split())  # load_state_dict's message spans lines
         raise UserError(f"meta-model {weights} is unreadable or does not match its card ({reason}); "

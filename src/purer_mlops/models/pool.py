@@ -37,6 +37,10 @@ from .backbones import ARCHITECTURES, Classifier, build_backbone
 
 POOL_FORMAT = "purer-teacher-pool"
 POOL_VERSION = 1
+# The largest image side a teacher or meta-model may declare (CIFAR 32, miniImageNet 84, CUB and
+# Flowers 84 here; ResNets trained at 224 fit): a larger one in a hand-edited file would make
+# every decode and forward pass huge.
+MAX_IMAGE_SIZE = 512
 POOL_FILE = "pool.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 POOL_FOLDER = OutputFolder("a teacher pool (pool.json, teacher_*.safetensors)", r"pool\.json|teacher_\d+\.safetensors")
@@ -169,8 +173,12 @@ def _check_record_fields(rec: TeacherRecord, where: str) -> None:
     if rec.arch not in ARCHITECTURES:
         raise UserError(f"{where}: unknown architecture {rec.arch!r}; choose one of: "
                         f"{', '.join(ARCHITECTURES)}.")
-    if rec.image_size < 1:
-        raise UserError(f"{where}: image_size must be positive, got {rec.image_size}.")
+    if not 1 <= rec.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"{where}: image_size must be from 1 to {MAX_IMAGE_SIZE}, got {rec.image_size}.")
+    for name, values, low in (("mean", rec.mean, -math.inf), ("std", rec.std, 0.0)):
+        if len(values) != 3 or not all(math.isfinite(v) and v > low for v in values):
+            raise UserError(f"{where}: {name} must be 3 finite numbers{' above 0' if low == 0 else ''} (one per "
+                            f"RGB channel), got {list(values)}; restore pool.json (`dvc checkout`) or re-import.")
     if rec.num_classes < 1 or len(rec.class_ids) != rec.num_classes:
         raise UserError(f"{where}: needs at least one class and one class_id per class "
                         f"(got {rec.num_classes} classes, {len(rec.class_ids)} class_ids).")
