@@ -31,7 +31,7 @@ STAGE_ENTRIES = {
 # Modules (and packages) that move bytes, report or coordinate, but never change what a stage
 # computes; what they import is theirs (tracking logs the MLflow model, which is no DVC output).
 INFRASTRUCTURE = {"purer_mlops.errors", "purer_mlops.fileio", "purer_mlops.paths", "purer_mlops.tracking",
-                  "purer_mlops.distributed", "purer_mlops.interrupts", "purer_mlops.compiling"}
+                  "purer_mlops.distributed", "purer_mlops.interrupts", "purer_mlops.compiling", "purer_mlops.children"}
 
 
 def _infrastructure(name: str) -> bool:

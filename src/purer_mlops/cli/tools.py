@@ -89,14 +89,35 @@ def preset(name: str | None, run_it: bool) -> None:
 @ROOT
 @PARAMS
 @click.option("--markdown", is_flag=True, help="Print docs/parameters.md (every knob: default, meaning, stages).")
-def show_params(project: Project, params_path: Path | None, markdown: bool) -> None:
+@click.option("--check", "checked", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Only validate, and write this marker file (the pipeline's first stage: a bad value stops "
+                   "`dvc repro` / `dvc exp run` before any stage replaces its outputs).")
+def show_params(project: Project, params_path: Path | None, markdown: bool, checked: Path | None) -> None:
     """Validate params.yaml and print every parameter (flattened) with its value and meaning."""
     from ..config.reference import all_knobs, parameters_markdown
 
     if markdown:
         click.echo(parameters_markdown(), nl=False)
         return
+    if checked is not None:
+        check_params(project, params_path, checked)
+        return
     params = read_params(project, params_path)
     knobs = all_knobs()
     for key, value in params.flat().items():
         click.echo(f"{key}: {value}  # {knobs[key][0].help}")
+
+
+def check_params(project: Project, params_path: Path | None, marker: Path) -> None:
+    """Validate the parameters; write ``marker`` (always the same bytes, so the stages that depend
+    on it re-run only for their own parameters) or stop, saying how to get the committed values back."""
+    from ..fileio import write_json
+
+    try:
+        read_params(project, params_path)
+    except UserError as err:
+        # Not `git checkout params.yaml`: after a failed `dvc exp run -S` git may see the file as
+        # unchanged (its index entry re-stamped) and restore nothing.
+        raise UserError(f"{err} No stage ran and no output was replaced; fix the value, or restore the committed "
+                        "file with `git show HEAD:params.yaml > params.yaml`.") from None
+    write_json(marker, {"params.yaml": "valid"})
