@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save
 from ..config import Params
 from ..config.reference import fingerprint_knobs
 from ..errors import UserError
-from ..fileio import OutputFolder, write_bytes, write_json, write_with
+from ..fileio import OutputFolder, write_bytes, write_json
 from ..models.backbones import ARCHITECTURES, Classifier, build_backbone
 from ..models.pool import MAX_IMAGE_SIZE
 from ..paths import ModelDir
@@ -170,14 +171,17 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifi
 
 
 def save_resume_state(path: Path, fp: str, state: dict) -> None:
-    """Write ``state`` stamped with the fingerprint ``fp`` to ``path`` (``last.pt``), atomically."""
-    def save(tmp: Path) -> None:
-        # Through a file object: torch names the zip's root folder after a *path*'s stem (here the
-        # random temp name), which would make two identical runs' last.pt differ in bytes.
-        with open(tmp, "wb") as f:
-            torch.save({"fingerprint": fp, **state}, f)
+    """Write ``state`` stamped with the fingerprint ``fp`` to ``path`` (``last.pt``), atomically.
 
-    write_with(path, save)
+    Serialised in memory (a few MB: the model, its optimiser and the bank), then written: torch
+    reports a full disk as a ``RuntimeError`` from its zip writer, a plain write as the ``OSError``
+    that :func:`~purer_mlops.fileio.write_bytes` turns into its one line. Into a buffer, not a
+    path: torch names the zip's root folder after a path's stem, which would make two identical
+    runs' last.pt differ in bytes.
+    """
+    buffer = io.BytesIO()
+    torch.save({"fingerprint": fp, **state}, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def matching_resume_state(path: Path, fp: str) -> dict | None:

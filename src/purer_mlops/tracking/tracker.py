@@ -90,7 +90,8 @@ class MlflowTracker(Tracker):
     def flush(self) -> None:
         """Write the buffered metrics (the UI shows a running run's curves up to here)."""
         if self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending)
+            with storing(f"metrics to MLflow run {self.run_id}"):
+                self.client.log_batch(self.run_id, metrics=self.pending)
             self.pending = []
         self.flushed_at = time.monotonic()
 
@@ -99,14 +100,15 @@ class MlflowTracker(Tracker):
 
         self.flush()
 
-        with Image.open(path) as image:
+        with Image.open(path) as image, storing(f"image {path} to MLflow run {self.run_id}"):
             image.load()
             # One series per key: the UI's image view steps through it.
             self.client.log_image(self.run_id, image, key=key, step=step)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.flush()
-        self.client.log_artifact(self.run_id, str(path), folder)
+        with storing(f"{path} to MLflow run {self.run_id}"):
+            self.client.log_artifact(self.run_id, str(path), folder)
 
     def log_metrics_file(self, path: Path) -> None:
         values = json.loads(Path(path).read_text())
@@ -166,6 +168,22 @@ class MlflowTracker(Tracker):
         if self.monitor is not None:
             self.monitor.finish()
         self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def storing(what: str) -> Iterator[None]:
+    """A failed write to the store (a full disk under ``mlruns/`` or ``mlflow.db``, a read-only
+    store) as one line naming it. The stage stops there; what it wrote is whole (atomic writes),
+    and a meta-training run resumes from its last state."""
+    from mlflow.exceptions import MlflowException
+
+    from .store import TrackingError, root_cause
+
+    try:
+        yield
+    except (MlflowException, OSError) as err:
+        raise TrackingError(f"cannot store {what}: {root_cause(err)}. Free some disk space or fix the store's "
+                            "permissions (or set tracking: false), then re-run the stage.") from err
 
 
 @contextmanager
