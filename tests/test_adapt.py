@@ -154,7 +154,11 @@ BAD = {
     "card unknown meta-learner": (lambda s, q, m: break_card(m / "best.json", {"meta_learner": "reptile"}),
                                   ["'meta_learner' is 'reptile'", "maml"]),
     "weights overwritten with NaN": (lambda s, q, m: nan_weights(m / "best.safetensors"),
-                                     ["best.safetensors", "NaN or Inf", "dvc checkout"]),
+                                     ["best.safetensors", "does not match the SHA-256", "dvc checkout"]),
+    "NaN weights, a card without its hash": (
+        lambda s, q, m: (nan_weights(m / "best.safetensors"), break_card(m / "best.json", {"sha256": None})),
+        ["best.safetensors", "NaN or Inf", "dvc checkout"]),
+    "card hash edited": (lambda s, q, m: break_card(m / "best.json", {"sha256": "0" * 63}), ["'sha256'", "64 hex"]),
 }
 
 

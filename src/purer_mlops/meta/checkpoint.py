@@ -15,12 +15,13 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from ..config import Params
 from ..config.reference import fingerprint_knobs
@@ -65,11 +66,13 @@ def model_card(params: Params, image_size: int, norm: tuple[tuple, tuple], oracl
 
 
 def save_model(model: Classifier, card: dict, stem: Path) -> None:
-    """Write ``<stem>.safetensors`` (weights) and ``<stem>.json`` (its model card), atomically."""
+    """Write ``<stem>.safetensors`` (weights) and ``<stem>.json`` (its model card, with the
+    weights file's SHA-256 that :func:`load_model` checks), atomically."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # serialised in memory: safetensors' save_file re-creates the file with mode 0600
-    write_bytes(stem.with_suffix(".safetensors"), save(weights))
-    write_json(stem.with_suffix(".json"), card)
+    data = save(weights)
+    write_bytes(stem.with_suffix(".safetensors"), data)
+    write_json(stem.with_suffix(".json"), {**card, "sha256": hashlib.sha256(data).hexdigest()})
 
 
 def check_finished(models: ModelDir) -> None:
@@ -119,7 +122,11 @@ CARD_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "adaptation.inner_steps": _whole(0, 1000),
     "adaptation.inner_lr": _number(0.0, 100.0),
     "adaptation.query_batch": _whole(1, 100_000),
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+               "the 64 hex digits of the weights file's SHA-256"),
 }
+# Cards written before the hash was recorded are read without it.
+OPTIONAL_CARD_FIELDS = frozenset({"sha256"})
 
 
 def check_card(card: object, path: Path) -> None:
@@ -133,6 +140,8 @@ def check_card(card: object, path: Path) -> None:
         section, _, key = field.rpartition(".")
         holder = card.get(section) if section else card
         if section and not isinstance(holder, dict):
+            continue
+        if key not in holder and field in OPTIONAL_CARD_FIELDS:
             continue
         value = holder.get(key, "<missing>")
         if not valid(value):
@@ -152,7 +161,12 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Classifi
         card = json.loads(card_path.read_text())
         check_card(card, card_path)
         model = build_backbone(card["backbone"], card["way"], card["image_size"], track_running_stats=False)
-        state = load_file(str(weights))
+        data = weights.read_bytes()
+        if "sha256" in card and hashlib.sha256(data).hexdigest() != card["sha256"]:
+            raise UserError(f"meta-model {weights} does not match the SHA-256 in its card {card_path.name}: the file "
+                            f"was changed or corrupted. Restore it (`dvc checkout {stem.parent}`) or re-run "
+                            "`purer metatrain`.")
+        state = load(data)
         if state.keys() != model.state_dict().keys():
             found = weights_architecture(state, card["way"], card["image_size"]) or "of no known backbone"
             raise UserError(f"meta-model {weights}: its card {card_path.name} says backbone {card['backbone']}, "
