@@ -243,6 +243,19 @@ def test_prepare_refuses_a_raw_file_that_is_not_an_image(project: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_prepare_names_a_raw_image_cut_short(project: Path) -> None:
+    raw = project / "data" / "raw" / "miniimagenet"
+    write_seed_folder(raw, ".jpg", classes=2, images=2)
+    cut = raw / "meta_val" / "meta_val_1" / "1.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8)).save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a copy that stopped half-way
+    write_params(project, dataset="miniimagenet")
+    proc = subprocess.run([*PURER, "prepare", "--quiet"], cwd=project, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    check_one_error_line(proc, str(cut.relative_to(project)), "cut short", "truncated")
+    assert not (project / "data" / "miniimagenet").exists()  # nothing prepared
+
+
 # =========================================================================== parameters
 
 

@@ -15,6 +15,7 @@ import json
 import pickle
 import shutil
 import tarfile
+import warnings
 import zlib
 from collections.abc import Callable
 from importlib.resources import files
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..fileio import atomic_dir, check_replaceable
+from .dataset import open_image
 from .registry import DATASET_FOLDER, IMAGE_SUFFIXES, SPLITS
 
 # An item is either a file to copy (keeps its name) or a CIFAR image (H, W, 3 uint8) to encode.
@@ -62,15 +64,20 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _check_image(path: Path) -> None:
-    """Refuse a zero-byte file (a truncated download or copy) and one that is no image (an HTML
-    error page saved as .jpg): the header is read and checked, the pixels are not decoded."""
+    """Refuse a zero-byte file (a truncated download or copy), one that is no image (an HTML
+    error page saved as .jpg), one cut short (a half-written JPEG) and one over the pixel bound.
+    Every image is decoded once here, so that a bad one is named by `purer prepare`, not by the
+    stage that first decodes it."""
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes): copy it again from the original dataset.")
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path} is not an image ({err}): replace it with the original file, or remove it.") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's warnings on odd but readable files
+            with open_image(path, path) as image:
+                image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path} is not an image or is cut short ({err}): replace it with the original file, or "
+                        "remove it.") from err
 
 
 def _class_folders(folder: Path) -> list[Path]:
