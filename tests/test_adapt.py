@@ -107,15 +107,15 @@ def test_a_flat_query_in_small_batches_gets_one_row_per_image(adapt_project: Pat
 # ----------------------------------------------------------------------------- bad input
 
 
-def image(path: Path, mode: str = "RGB", size: int = 20) -> Path:
+def image(path: Path, mode: str = "RGB", size: int = 20, value: int = 128) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size, size, 3), 128, dtype=np.uint8)).convert(mode).save(path)
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).convert(mode).save(path)
     return path
 
 
 def good_task(folder: Path, classes: int = 3) -> tuple[Path, Path]:
     for c in range(classes):
-        image(folder / "support" / f"c{c}" / "a.png")
+        image(folder / "support" / f"c{c}" / "a.png", value=40 + 60 * c)  # one image per class, each its own
         image(folder / "query" / f"q{c}.jpg", size=40)
     return folder / "support", folder / "query"
 
@@ -143,6 +143,8 @@ BAD = {
                                       ["resnet10", "weights are conv4"]),
     "card without test-time settings": (lambda s, q, m: break_card(m / "best.json", {"adaptation": None}),
                                         ["no test-time adaptation", "purer metatrain"]),
+    "one image in two support classes": (lambda s, q, m: shutil.copy(s / "c0" / "a.png", s / "c1" / "b.png"),
+                                         ["same image", "c0 (c0/a.png)", "c1 (c1/b.png)", "one class only"]),
     "card image size 100000": (lambda s, q, m: break_card(m / "best.json", {"image_size": 100000}),
                                ["best.json", "'image_size' is 100000", "from 4 to 512"]),
     "card std of zeros": (lambda s, q, m: break_card(m / "best.json", {"std": [0, 0, 0]}),

@@ -25,7 +25,7 @@ from ..meta.checkpoint import load_model
 from ..meta.icfil import ICFIL
 from ..meta.learners import MetaLearner, build_learner
 from ..models.backbones import Classifier
-from .images import FewShotTask, check_modes, decode, support_set
+from .images import FewShotTask, check_modes, check_support_classes, decode, support_set
 
 # Learners whose number of classes is fixed by a linear head.
 HEADED = ("maml", "anil")
@@ -126,10 +126,12 @@ def predict(meta: MetaModel, task: FewShotTask, *, batch_size: int = 0, icfil: P
 
     ``batch_size`` 0 takes the card's ``query_batch``; ``icfil`` (the params holding the
     ``calibration``, ``inversion`` and ``metatest.seed`` knobs) turns ICFIL on. Every image is
-    checked before any work: unreadable files, grey mixed with colour, too many classes.
+    checked before any work: unreadable files, grey mixed with colour, too many classes, one image
+    in two support classes.
     """
     check_way(meta.card, len(task.classes))
     check_modes(task)
+    check_support_classes(task)
     device = next(meta.model.parameters()).device
     support = support_set(task, meta.card)
     xs = support.normalize(support.images.to(device))

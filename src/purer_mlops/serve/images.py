@@ -9,6 +9,7 @@ meta-model's dataset (RGB, bilinear resize), then the card's normalisation.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,19 @@ def check_modes(task: FewShotTask) -> None:
     if grey and colour:
         raise UserError(f"the task mixes grey images ({grey[0]}: {modes[grey[0]]}) with colour ones ({colour[0]}: "
                         f"{modes[colour[0]]}): convert them all to one mode (e.g. RGB) first.")
+
+
+def check_support_classes(task: FewShotTask) -> None:
+    """Refuse one image (the same bytes) given as support of two classes: the task contradicts
+    itself, and the meta-model would learn both labels for it."""
+    seen: dict[str, tuple[int, str]] = {}
+    for source, label in zip(task.support, task.support_labels, strict=True):
+        with open(source.path, "rb") if source.path is not None else io.BytesIO(source.data or b"") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        first = seen.setdefault(digest, (label, source.name))
+        if first[0] != label:
+            raise UserError(f"the same image is support of two classes, {task.classes[first[0]]} ({first[1]}) and "
+                            f"{task.classes[label]} ({source.name}): keep it in one class only.")
 
 
 def decode(sources: list[Source], size: int) -> torch.Tensor:
