@@ -26,9 +26,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_one_error_line, random_pool, small_glyphs, tiny_raw, tool_env, write_params, write_yaml
+from conftest import (
+    check_one_error_line,
+    lay_out_task,
+    random_pool,
+    small_glyphs,
+    tiny_params,
+    tiny_raw,
+    tool_env,
+    write_params,
+    write_yaml,
+)
 
+from purer_mlops.meta import metatest
 from purer_mlops.models.backbones import build_backbone
+from purer_mlops.paths import Project
 
 ENV = tool_env({"MKL_NUM_THREADS": "1"})
 PURER = [sys.executable, "-m", "purer_mlops"]
@@ -231,6 +243,28 @@ def test_card_naming_another_backbone_is_named(project: Path) -> None:
     card = project / "models" / "meta" / "best.json"
     card.write_text(json.dumps({**json.loads(card.read_text()), "backbone": "resnet18"}))
     check_one_error_line(purer(project, "metatest", "--quiet"), "best.json says backbone resnet18", "weights are conv4")
+
+
+def test_a_project_where_the_lock_cannot_be_made_is_one_line(project: Path) -> None:
+    # As in a read-only project (root writes anyway, so the lock's path is taken by a folder:
+    # the same OSError path as EACCES/EROFS)
+    (project / ".purer.lock").unlink(missing_ok=True)
+    (project / ".purer.lock").mkdir()
+    before = (project / "results" / "metatest").exists()
+    check_one_error_line(purer(project, "metatest", "--quiet"), "cannot create the working-copy lock", "writable")
+    assert (project / "results" / "metatest").exists() == before
+
+
+def test_adapt_into_a_folder_it_cannot_write_is_one_line(project: Path, tmp_path: Path) -> None:
+    params = tiny_params()
+    test, tasks = metatest.fixed_test_tasks(params, Project(project), 1)
+    support, query = lay_out_task(test, tasks[0], tmp_path / "task")
+    blocker = tmp_path / "results.txt"  # a file where the output's folder should be
+    blocker.write_text("keep")
+    out = blocker / "predictions.csv"
+    check_one_error_line(purer(project, "adapt", str(support), str(query), "--out", str(out), "--quiet"),
+                         f"could not write {out}", "nothing was changed")
+    assert blocker.read_text() == "keep"
 
 
 def test_a_new_run_killed_early_leaves_models_metatest_refuses(project: Path) -> None:

@@ -102,6 +102,17 @@ def _new_file(path: Path) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
 
 
+def _new_sibling(path: Path, create: Callable[[Path], None]) -> Path:
+    """``path``'s folder (made if missing) and a fresh temporary beside ``path``; a read-only
+    folder, or a file where a folder should be, is a :class:`UserError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _create_beside(path, create)
+    except OSError as err:
+        raise UserError(f"could not write {path}: {err.strerror or err}. Check the folder's permissions, or "
+                        "write elsewhere; nothing was changed.") from err
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
@@ -110,8 +121,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A write that fails for lack of space (or any OS error) becomes a :class:`UserError`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _create_beside(path, _new_file)
+    tmp_path = _new_sibling(path, _new_file)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -171,8 +181,7 @@ def atomic_dir(path: str | os.PathLike, kind: OutputFolder, inputs: Iterable[str
     """
     path = Path(path)
     check_replaceable(path, kind, inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_beside(path, lambda p: os.mkdir(p, 0o777))
+    tmp = _new_sibling(path, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         old = None

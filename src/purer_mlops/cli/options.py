@@ -52,6 +52,9 @@ def lock_working_copy(project: Project) -> None:
         raise UserError(f"another `purer` stage is running in {project.root.resolve()} (lock "
                         f"{lock.lock_file}); wait for it to finish, or run experiments in separate "
                         "copies with `dvc exp run --temp` or `--queue`.") from err
+    except OSError as err:  # a read-only project, or the lock's path taken by a folder
+        raise UserError(f"cannot create the working-copy lock {lock.lock_file} ({err.strerror or err}): a stage "
+                        "writes its outputs in the project, so make the folder writable (or run in a copy).") from err
     _HELD_LOCKS.append(lock)
 
 
