@@ -232,6 +232,29 @@ def test_sigterm_during_metatrain_saves_the_state_and_marks_the_run_killed(proje
     assert run.info.status == "KILLED"
 
 
+def test_a_run_whose_process_was_killed_is_closed_by_the_next_stage(project: Path, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from purer_mlops.tracking import open_tracker
+
+    write_params(project, {"adv_scale": 0.5, "episode_train": 400, "tracking": True})
+    shutil.rmtree(project / "results" / "metatrain")
+    proc = start(project, "metatrain", "--quiet")  # as a DVC queue worker runs it
+    wait_for((project / "results" / "metatrain" / "bank" / "iter_000003.png").is_file, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("purer").experiment_id
+    (killed,) = client.search_runs([experiment])
+    assert killed.info.status == "RUNNING"  # nothing could end it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    with open_tracker(tiny_params(tracking=True), "metatest", project) as tracker:
+        assert client.get_run(killed.info.run_id).info.status == "KILLED"
+        assert "ended without closing it" in client.get_run(killed.info.run_id).data.tags["purer.closed_by"]
+        assert client.get_run(tracker.run_id).info.status == "RUNNING"  # a live run is left alone
+
+
 def test_model_files_get_the_usual_mode(trained: Path) -> None:
     files = [p for p in (trained / "models" / "meta").rglob("*") if p.is_file()]  # written by `purer metatrain`
     assert any(p.name == "best.safetensors" for p in files) and any(p.name == "last.pt" for p in files)

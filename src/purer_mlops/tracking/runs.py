@@ -12,6 +12,7 @@ from typing import Any
 
 from ..paths import Project
 from .inputs import log_inputs
+from .liveness import TAG_PROCESS, close_dead_runs, this_process
 from .outputs import READS_META_MODEL, meta_model_file, sha256
 from .store import TrackingError, check_server, open_experiment, root_cause, store_root, tracking_uri
 from .tracker import (
@@ -116,10 +117,12 @@ def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
         TAG_EXP: os.environ.get("DVC_EXP_NAME"),
         TAG_BASELINE: os.environ.get("DVC_EXP_BASELINE_REV"),
         TAG_COMMIT: commit,
+        TAG_PROCESS: this_process(),
     }
     try:
         client = MlflowClient(tracking_uri=uri)
         experiment_id = open_experiment(client, params.experiment_name, artifacts)
+        close_dead_runs(client, experiment_id)
         if stage in READS_META_MODEL:
             parent = _parent_run(client, experiment_id, root, commit)
             tags.update({TAG_PARENT: parent, MLFLOW_PARENT: parent})
