@@ -238,3 +238,11 @@ def test_presets_list_validate_and_spell_the_dvc_command(tmp_path):
     assert "-S num_sup_train=5" in shown.stdout and "-S synthesis_per_class=20" in shown.stdout
     unknown = run_purer(tmp_path, "preset", "cifar_51")
     assert unknown.returncode == 2 and "unknown preset" in unknown.stderr
+
+
+def test_a_preset_run_becomes_the_dvc_process(tmp_path):
+    # outside a DVC repository dvc itself refuses: its message and exit status are the command's,
+    # and the command line was printed before dvc took over the process
+    ran = run_purer(tmp_path, "preset", "cifar_51_conv4", "--run")
+    assert ran.stdout.startswith("dvc exp run -n cifar_51_conv4 ")
+    assert ran.returncode != 0 and "not inside of a DVC repository" in ran.stderr

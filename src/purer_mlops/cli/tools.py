@@ -61,8 +61,8 @@ def preset(name: str | None, run_it: bool) -> None:
     purer preset cifar_51_conv4       print the `dvc exp run` command it stands for
     purer preset cifar_51_conv4 --run run that command (a DVC experiment named after it)
     """
+    import os
     import shlex
-    import subprocess
     from importlib.resources import files
 
     import yaml
@@ -82,7 +82,9 @@ def preset(name: str | None, run_it: bool) -> None:
     cmd = ["dvc", "exp", "run", "-n", name] + [a for kv in sets for a in ("-S", kv)]
     click.echo(shlex.join(cmd))
     if run_it:
-        sys.exit(subprocess.call(cmd))
+        # dvc replaces this process (no child to outlive a killed parent); it prints and exits as itself
+        sys.stdout.flush()
+        os.execvp(cmd[0], cmd)
 
 
 @click.command("params")
