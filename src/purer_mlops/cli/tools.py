@@ -91,7 +91,7 @@ def preset(name: str | None, run_it: bool) -> None:
 @click.option("--markdown", is_flag=True, help="Print docs/parameters.md (every knob: default, meaning, stages).")
 def show_params(project: Project, params_path: Path | None, markdown: bool) -> None:
     """Validate params.yaml and print every parameter (flattened) with its value and meaning."""
-    from ..config.reference import all_knobs, parameters_markdown
+    from ..config.derived import all_knobs, parameters_markdown
 
     if markdown:
         click.echo(parameters_markdown(), nl=False)

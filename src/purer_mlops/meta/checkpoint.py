@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..config import Params
-from ..config.reference import fingerprint_knobs
+from ..config.derived import fingerprint_knobs
 from ..errors import UserError
 from ..fileio import OutputFolder, write_bytes, write_json, write_with
 from ..models.backbones import ARCHITECTURES, Classifier, build_backbone
