@@ -30,7 +30,7 @@ from purer_mlops.config.loading import load_params
 from purer_mlops.data.dataset import fixed_tasks, load_split
 from purer_mlops.fileio import write_json, write_text
 from purer_mlops.meta.checkpoint import load_model
-from purer_mlops.meta.metatest import paired, score, summary
+from purer_mlops.meta.scoring import paired, score, summary
 from purer_mlops.paths import Project
 
 # name -> calibration overrides. F1 reproduces the old formulation's spirit (pseudo images

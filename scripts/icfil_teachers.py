@@ -36,9 +36,9 @@ from purer_mlops.meta.evaluation import task_accuracies
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.icfil_synthesis import Synthesis
 from purer_mlops.meta.learners import build_learner
-from purer_mlops.meta.metatest import paired, score, summary
+from purer_mlops.meta.scoring import paired, score, summary
 from purer_mlops.meta.tasks import stack_tasks
-from purer_mlops.models.pool import load_pool
+from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
 
 SCALE = 10.0  # inverse temperature of the cosine prototype classifier

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from purer_mlops.config import load_params
 from purer_mlops.lanes import open_lanes
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_equivalence import as_float64, flat, rel  # noqa: E402  (the equivalence tests' float64 helpers)

@@ -29,11 +29,11 @@ import yaml
 from purer_mlops.config import Params, from_dict
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import DATASETS
-from purer_mlops.meta import train
 from purer_mlops.models.backbones import build_backbone
-from purer_mlops.models.pool import TeacherRecord, save_pool
+from purer_mlops.models.pool_storage import TeacherRecord, save_pool
 from purer_mlops.paths import Project
-from purer_mlops.teachers import pretrain
+from purer_mlops.stages import metatrain as train
+from purer_mlops.teachers import training as pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin/: `purer`, `dvc`, `actionlint`

@@ -25,7 +25,7 @@ import torch
 from conftest import QUERY, adapt_params, adapt_raw, check_one_error_line, lay_out_task, run_purer, write_yaml
 from PIL import Image
 
-from purer_mlops.meta import metatest
+from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.learners import build_learner

@@ -39,7 +39,7 @@ from conftest import (
     write_yaml,
 )
 
-from purer_mlops.meta import metatest
+from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks

@@ -18,9 +18,9 @@ from conftest import random_pool, small_glyphs, tiny_params
 
 from purer_mlops.meta import trainer as trainer_module
 from purer_mlops.meta.curriculum import Curriculum
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.meta.trainer import MetaTrainer
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 
 def fires(c: Curriculum, accuracies: list[float]) -> list[int]:

@@ -32,9 +32,9 @@ from conftest import random_pool, small_glyphs, tiny_params
 
 from purer_mlops.meta.inversion import TERMS
 from purer_mlops.meta.tasks import sample_pseudo_tasks
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.meta.trainer import MetaTrainer
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 FP32_RTOL = 1e-4
 FP64_RTOL = 1e-8

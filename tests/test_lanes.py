@@ -19,10 +19,10 @@ from conftest import random_pool, small_glyphs, tiny_params
 from test_equivalence import FP64_RTOL, as_float64, flat, rel
 
 from purer_mlops.lanes import ONE, lane_count, open_lanes
-from purer_mlops.meta import metatest
+from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.pool import init_meta_model
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 MIXED = [("conv4", 32, (0, 1, 2, 3, 4)), ("conv4", 32, (5, 6, 7, 8, 9)), ("resnet10", 16, (0, 2, 4, 6, 8))]
 

@@ -28,11 +28,11 @@ from conftest import copy_project, random_pool, tiny_params, tiny_raw, tool_env,
 
 from purer_mlops.config import from_dict
 from purer_mlops.errors import UserError
-from purer_mlops.meta import train
 from purer_mlops.meta.checkpoint import fingerprint, load_model
 from purer_mlops.meta.pool import init_meta_model, load_teachers
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.paths import Project
+from purer_mlops.stages import metatrain as train
+from purer_mlops.stages.metatrain import build_trainer
 
 ENV = tool_env()
 

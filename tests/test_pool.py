@@ -17,7 +17,7 @@ from standins import make_class_tree
 from purer_mlops.data.registry import DATASETS
 from purer_mlops.errors import UserError
 from purer_mlops.models.backbones import build_backbone
-from purer_mlops.models.pool import TeacherRecord, load_pool, model_from_state_dict, save_pool
+from purer_mlops.models.pool_storage import TeacherRecord, load_pool, model_from_state_dict, save_pool
 from purer_mlops.teachers.importer import import_pool
 
 CLASSES = ("a", "b", "c", "d", "e")

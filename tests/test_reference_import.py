@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from purer_mlops.errors import UserError
-from purer_mlops.models.pool import load_pool
+from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.teachers.importer import import_pool
 
 # --------------------------------------------------------------------------- the reference layout

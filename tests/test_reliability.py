@@ -38,19 +38,19 @@ from standins import write_seed_folder
 
 from purer_mlops import fileio
 from purer_mlops.config import ConfigError, Params, from_dict
-from purer_mlops.config.reference import all_knobs
+from purer_mlops.config.derived import all_knobs
 from purer_mlops.data.dataset import load_split
 from purer_mlops.data.filelist import read_filelist, write_filelists
 from purer_mlops.data.registry import DATASETS, SPLITS
 from purer_mlops.errors import UserError
-from purer_mlops.meta import train
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.pool import init_meta_model, load_teachers
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.meta.trainer import MetaTrainer
 from purer_mlops.models.backbones import build_backbone
-from purer_mlops.models.pool import TeacherRecord, load_pool, save_pool
+from purer_mlops.models.pool_storage import TeacherRecord, load_pool, save_pool
 from purer_mlops.paths import Project
+from purer_mlops.stages import metatrain as train
+from purer_mlops.stages.metatrain import build_trainer
 from purer_mlops.teachers.importer import import_pool
 
 ENV = tool_env({"MKL_NUM_THREADS": "1"})

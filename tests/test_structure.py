@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import REPO, run_purer
 
-from purer_mlops.config.reference import dvc_params_problems
+from purer_mlops.config.derived import dvc_params_problems
 
 SRC = REPO / "src"
 PACKAGE = SRC / "purer_mlops"
@@ -24,9 +24,9 @@ PACKAGE = SRC / "purer_mlops"
 STAGE_ENTRIES = {
     "prepare": ["purer_mlops.data.glyphs", "purer_mlops.data.sources"],
     "filelist": ["purer_mlops.data.filelist"],
-    "pretrain": ["purer_mlops.teachers.pretrain"],
-    "metatrain": ["purer_mlops.meta.train"],
-    "metatest": ["purer_mlops.meta.metatest"],
+    "pretrain": ["purer_mlops.teachers.training"],
+    "metatrain": ["purer_mlops.stages.metatrain"],
+    "metatest": ["purer_mlops.meta.scoring"],
 }
 # Modules (and packages) that move bytes, report or coordinate, but never change what a stage
 # computes; what they import is theirs (tracking logs the MLflow model, which is no DVC output).

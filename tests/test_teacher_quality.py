@@ -10,8 +10,8 @@ from conftest import new_project, random_pool, run_purer, write_params
 from test_pretrain import make_dataset
 
 from purer_mlops.errors import UserError
-from purer_mlops.models.pool import read_records
-from purer_mlops.teachers.report import TeacherRow, check_quality, format_table
+from purer_mlops.models.pool_storage import read_records
+from purer_mlops.teachers.pool_table import TeacherRow, check_quality, format_table
 
 # 10 classes of 30 images: teacher_000 gets five learnable classes, teacher_001 five classes of
 # pure noise (chance: 20 %, 30 held-out images).

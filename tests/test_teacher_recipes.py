@@ -12,8 +12,8 @@ from purer_mlops.data.dataset import load_split
 from purer_mlops.data.registry import DATASETS
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.teachers.augment import Augmentation
-from purer_mlops.teachers.pretrain import epochs_for, plan_pool, steps_per_epoch, train_teacher
 from purer_mlops.teachers.recipes import lr_factor, make_schedule, reference_init
+from purer_mlops.teachers.training import epochs_for, plan_pool, steps_per_epoch, train_teacher
 
 SIZE = 8
 

@@ -36,10 +36,10 @@ from purer_mlops.config import from_dict
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import DATASETS, SPLITS
 from purer_mlops.lanes import lane_count, open_lanes
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.models.backbones import build_backbone
-from purer_mlops.models.pool import TeacherRecord, save_pool
+from purer_mlops.models.pool_storage import TeacherRecord, save_pool
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 DEVICE = os.environ.get("PURER_BENCH_DEVICE", "cpu")
 # intra-op threads of the process (tests/conftest.py sets one); fast_lanes splits them in two

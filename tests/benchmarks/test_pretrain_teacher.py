@@ -22,7 +22,7 @@ from purer_mlops.config import from_dict
 from purer_mlops.data.dataset import ImageSet
 from purer_mlops.data.registry import DATASETS
 from purer_mlops.teachers.augment import Augmentation
-from purer_mlops.teachers.pretrain import plan_pool, train_teacher
+from purer_mlops.teachers.training import plan_pool, train_teacher
 
 DEVICE = os.environ.get("PURER_BENCH_DEVICE", "cpu")
 

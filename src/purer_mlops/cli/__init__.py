@@ -2,7 +2,7 @@
 
 Every subcommand reads ``params.yaml`` (``--params``) relative to the project root (``--root``),
 validates it before touching anything, and turns any :class:`UserError` into one line on
-stderr and exit code 2. :mod:`.stages` holds the pipeline's stages, :mod:`.tools` the
+stderr and exit code 2. :mod:`.pipeline` holds the pipeline's stages, :mod:`.tools` the
 commands around them (presets, parameters, teacher import).
 """
 
@@ -17,7 +17,7 @@ import click
 from ..errors import UserError
 from ..interrupts import treat_sigterm_as_ctrl_c
 from .options import cli
-from .stages import register as register_stages
+from .pipeline import register as register_stages
 from .tools import register as register_tools
 from .use import register as register_use
 

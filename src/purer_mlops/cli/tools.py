@@ -96,7 +96,7 @@ def preset(name: str | None, run_it: bool) -> None:
                    "`dvc repro` / `dvc exp run` before any stage replaces its outputs).")
 def show_params(project: Project, params_path: Path | None, markdown: bool, checked: Path | None) -> None:
     """Validate params.yaml and print every parameter (flattened) with its value and meaning."""
-    from ..config.reference import all_knobs, parameters_markdown
+    from ..config.derived import all_knobs, parameters_markdown
 
     if markdown:
         click.echo(parameters_markdown(), nl=False)

@@ -1,7 +1,7 @@
 """``params.yaml`` → one typed, validated :class:`Params` object.
 
 :mod:`.params` declares every knob once (:mod:`.knobs`); :mod:`.loading` reads and
-validates the file; :mod:`.reference` derives the stage lists, the fingerprint's knobs and
+validates the file; :mod:`.derived` derives the stage lists, the fingerprint's knobs and
 ``docs/parameters.md`` from the declarations.
 """
 

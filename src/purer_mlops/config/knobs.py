@@ -3,7 +3,7 @@
 Every field of the parameter dataclasses (:mod:`.params`) is made with :func:`knob`, whose
 metadata (:class:`Knob`) is the single source from which validation (:mod:`.loading`),
 ``purer params``, ``docs/parameters.md`` and the check of ``dvc.yaml``'s ``params:`` lists
-(:mod:`.reference`) are derived.
+(:mod:`.derived`) are derived.
 """
 
 from __future__ import annotations

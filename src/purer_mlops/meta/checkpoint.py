@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..config import Params
-from ..config.reference import fingerprint_knobs
+from ..config.derived import fingerprint_knobs
 from ..errors import UserError
 from ..fileio import OutputFolder, write_bytes, write_json
 from ..models.backbones import ARCHITECTURES, Classifier, build_backbone

@@ -16,7 +16,7 @@ from ..config import Params
 from ..errors import UserError
 from ..models.averaging import average_into, averaging_blocker
 from ..models.backbones import Classifier, build_backbone
-from ..models.pool import load_pool
+from ..models.pool_storage import load_pool
 from .inversion import Teacher
 
 

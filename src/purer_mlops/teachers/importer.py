@@ -17,7 +17,7 @@ dataset's name, gives teacher *i* the reference's class block *i* (:func:`import
 Checkpoints are read with ``torch.load(weights_only=True)`` only: a file that needs
 arbitrary unpickling (code execution) is refused, never run. A state dict may be nested
 under ``state_dict`` or ``model`` and may carry DataParallel's ``module.`` prefix. Its names
-may be ours or the reference code's (:mod:`.reference` renames them). It must fit its
+may be ours or the reference code's (:mod:`.reference_checkpoints` renames them). It must fit its
 architecture exactly (:func:`..models.pool.model_from_state_dict`).
 """
 
@@ -35,9 +35,9 @@ from ..data.registry import DATASETS
 from ..errors import UserError
 from ..fileio import check_replaceable
 from ..models.backbones import ARCHITECTURES
-from ..models.pool import POOL_FOLDER, TeacherRecord, inside, model_from_state_dict, save_pool
+from ..models.pool_storage import POOL_FOLDER, TeacherRecord, inside, model_from_state_dict, save_pool
 from ..paths import Project
-from .reference import detect, to_ours
+from .reference_checkpoints import detect, to_ours
 
 SUFFIXES = (".pt", ".pth")
 _KEYS = {"file", "arch", "dataset", "classes", "image_size", "class_ids"}

@@ -124,7 +124,7 @@ class MlflowTracker(Tracker):
     def log_model(self, stem: Path, metrics: dict) -> None:
         from mlflow.exceptions import MlflowException
 
-        from .model import log_meta_model
+        from ..serve.logged_model import log_meta_model
         from .store import TrackingError, root_cause
 
         self.flush()
@@ -148,7 +148,7 @@ class MlflowTracker(Tracker):
         if metrics and metrics.is_file():
             self.log_metrics_file(metrics)
         if stage == "metatest":
-            from .model import link_test_metrics
+            from ..serve.logged_model import link_test_metrics
 
             link_test_metrics(self.client, self.run_id, project.results("metatest") / "metrics.json")
 

@@ -39,8 +39,8 @@ def log_meta_model(client: Any, run_id: str, stem: Path, metrics: dict) -> str:
 
     import purer_mlops
 
-    from ..serve import mlflow_model
-    from ..serve.pyfunc import ARTIFACT, STEM, example_frame, signature
+    from . import mlflow_model
+    from .pyfunc import ARTIFACT, STEM, example_frame, signature
 
     step = int(metrics.get("best_iteration", 0))
     previous = mlflow.get_tracking_uri()

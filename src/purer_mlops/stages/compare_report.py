@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fileio import write_with
+from ..fileio import write_with
 
 
 def table_markdown(rows: list[dict], shots: list[int], way: int) -> str:

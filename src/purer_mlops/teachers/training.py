@@ -8,7 +8,7 @@ initialisation, schedule and augmentation of ``pretrain.recipe`` (:mod:`.recipes
 :mod:`.augment`), and the epoch with the best held-out accuracy kept (a copy of it: the
 reference kept the live weights, i.e. the last epoch). Outputs: the pool at
 ``models/teachers/`` (see :mod:`..models.pool`), ``results/pretrain/metrics.json`` and the
-per-teacher table ``results/pretrain/teachers.md`` (:mod:`.report`), whose quality check can
+per-teacher table ``results/pretrain/teachers.md`` (:mod:`.pool_table`), whose quality check can
 fail the stage.
 
 Every teacher draws its initialisation, batch order and augmentation from its own seed,
@@ -38,11 +38,11 @@ from ..errors import UserError
 from ..fileio import write_json, write_text
 from ..lanes import lane_count, open_lanes
 from ..models.backbones import build_backbone
-from ..models.pool import TeacherRecord, save_pool
+from ..models.pool_storage import TeacherRecord, save_pool
 from ..paths import Project
 from .augment import Augmentation
+from .pool_table import TeacherRow, check_quality, format_table
 from .recipes import make_optimizer, make_schedule, reference_init
-from .report import TeacherRow, check_quality, format_table
 
 MIX_CYCLE = ("conv4", "resnet10", "resnet18")
 _EVAL_BATCH = 512

@@ -18,16 +18,16 @@ import time
 
 import torch
 
-from .config import Params
-from .data.registry import DATASETS
-from .fileio import write_json, write_text
-from .meta import train
-from .meta.checkpoint import fingerprint, load_model, matching_resume_state
-from .meta.metatest import fixed_test_tasks, paired, score, summary
-from .meta.pool import init_meta_model, load_teachers
-from .paths import Project
-from .report import bar_chart, table_markdown
-from .tracking import Tracker
+from ..config import Params
+from ..data.registry import DATASETS
+from ..fileio import write_json, write_text
+from ..meta.checkpoint import fingerprint, load_model, matching_resume_state
+from ..meta.pool import init_meta_model, load_teachers
+from ..meta.scoring import fixed_test_tasks, paired, score, summary
+from ..paths import Project
+from ..tracking import Tracker
+from . import metatrain as train
+from .compare_report import bar_chart, table_markdown
 
 TRAINED = {"ei": {"eci": False}, "purer": {}, "oracle": {}}
 PAIRS = (("purer", "random"), ("purer", "average"), ("purer", "ei"), ("purer+icfil", "purer"), ("oracle", "purer"))

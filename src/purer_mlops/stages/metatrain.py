@@ -26,11 +26,18 @@ from ..errors import UserError
 from ..fileio import check_replaceable, read_json, write_csv, write_json, write_with
 from ..interrupts import Interrupted, Pending, held
 from ..lanes import ONE, Lanes, lane_count, open_lanes
+from ..meta.checkpoint import (
+    HISTORY_FOLDER,
+    fingerprint,
+    matching_resume_state,
+    model_card,
+    save_model,
+    save_resume_state,
+)
+from ..meta.pool import load_teachers
+from ..meta.trainer import TRAIN_COLUMNS, MetaTrainer
 from ..paths import ModelDir, Project
 from ..tracking import Tracker
-from .checkpoint import HISTORY_FOLDER, fingerprint, matching_resume_state, model_card, save_model, save_resume_state
-from .pool import load_teachers
-from .trainer import TRAIN_COLUMNS, MetaTrainer
 
 # Updates skipped in a row (non-finite losses or gradients) after which the run has diverged.
 DIVERGED_AFTER = 20

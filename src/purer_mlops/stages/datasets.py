@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..config import Params
+from ..data import glyphs, sources
+from ..data.filelist import write_filelists
 from ..fileio import write_json
 from ..paths import Project
-from . import glyphs, sources
-from .filelist import write_filelists
 
 
 def prepare(params: Params, project: Project, dataset: str | None = None, progress: bool = True) -> dict:

@@ -25,7 +25,7 @@ def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: st
     Reads params `dataset`, `glyphs` and, for real datasets, data/raw/ (see README).
     Writes data/<dataset>/meta_{train,val,test}/<class>/<image>; `glyphs` is generated.
     """
-    from ..data.stages import prepare as run
+    from ..stages.datasets import prepare as run
 
     echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
 
@@ -38,7 +38,7 @@ def filelist(project: Project, params_path: Path | None, quiet: bool, dataset: s
     Reads data/<dataset>/meta_*/ and param `dataset`. Rows `filename,label` are sorted;
     also writes the class/image counts to results/data/<dataset>.json.
     """
-    from ..data.stages import filelist as run
+    from ..stages.datasets import filelist as run
 
     echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
 
@@ -52,7 +52,7 @@ def pretrain(project: Project, params_path: Path | None, quiet: bool) -> None:
     (one safetensors file per teacher + pool.json) and results/pretrain/metrics.json.
     """
     from ..distributed import pick_device, setup, teardown
-    from ..teachers.pretrain import run
+    from ..teachers.training import run
 
     params = load(project, params_path)
     ranks = setup()  # teachers split across ranks under torchrun
@@ -75,7 +75,7 @@ def metatrain(project: Project, params_path: Path | None, quiet: bool, oracle: b
     An interrupted run resumes from models/meta/last.pt when re-run with the same params.
     """
     from ..distributed import setup, teardown
-    from ..meta.train import run
+    from ..stages.metatrain import run
     from ..tracking import Tracker, open_tracker
 
     params = load(project, params_path)
@@ -102,7 +102,7 @@ def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
     gain with its paired interval when `icfil` is on; the reference code's best-test-over-
     checkpoints number, labelled) and results/metatest/per_task.csv.
     """
-    from ..meta.metatest import run
+    from ..meta.scoring import run
     from ..tracking import open_tracker
 
     params = load(project, params_path)
@@ -118,7 +118,7 @@ def compare(project: Project, params_path: Path | None, quiet: bool) -> None:
     and the meta-training and meta-testing params. Trains what is missing into
     models/compare/ and writes results/compare/compare.{json,md,png} and paired.json.
     """
-    from ..compare import run
+    from ..stages.compare import run
     from ..tracking import open_tracker
 
     params = load(project, params_path)
