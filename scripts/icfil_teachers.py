@@ -35,9 +35,9 @@ from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.evaluation import task_accuracies
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.icfil_synthesis import Synthesis
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.scoring import paired, score, summary
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
 

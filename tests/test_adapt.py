@@ -26,8 +26,8 @@ from PIL import Image
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.icfil import ICFIL
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
 
 

@@ -37,8 +37,8 @@ from conftest import (
 
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.checkpoint import load_model
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
 from purer_mlops.stages.metatrain import log_selected_model
 from purer_mlops.tracking import open_tracker

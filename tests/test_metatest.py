@@ -23,9 +23,9 @@ from purer_mlops.errors import UserError
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.evaluation import mean_ci95
 from purer_mlops.meta.icfil import ICFIL
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.pool import init_meta_model
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
 from purer_mlops.stages import compare
 from purer_mlops.stages import metatest as metatest_stage

@@ -12,10 +12,10 @@ from ..compiling import check_compiler
 from ..config import Params
 from ..data.dataset import ImageSet, TaskIndices, fixed_tasks, load_split
 from ..lanes import lane_count, open_lanes
+from ..models.learners import build_learner
 from ..paths import Project
 from .evaluation import mean_ci95, task_accuracies
 from .icfil import ICFIL
-from .learners import build_learner
 
 
 def fixed_test_tasks(params: Params, project: Project, shot: int | None = None
