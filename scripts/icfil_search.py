@@ -78,13 +78,13 @@ def score_many(params: Params, model: torch.nn.Module, imageset, tasks, configs:
     """Plain and ICFIL accuracies of each configuration on the same tasks: one row per configuration."""
     p = params.replace(num_sup_test=shot)
     started = time.perf_counter()
-    plain = score(p, model, imageset, tasks)
+    plain = score(p, model, imageset, tasks, meta_learner=p.meta_learner)
     plain_s = time.perf_counter() - started
     rows = [{"config": "plain", "shot": shot, **_fmt(summary(plain)), "difference": 0.0, "diff_ci95": 0.0,
              "seconds": round(plain_s, 1), "cost_ratio": 1.0, "knobs": "{}"}]
     for name, overrides in configs.items():
         started = time.perf_counter()
-        accs = score(calibration_of(p, overrides), model, imageset, tasks, icfil=True)
+        accs = score(calibration_of(p, overrides), model, imageset, tasks, meta_learner=p.meta_learner, icfil=True)
         secs = time.perf_counter() - started
         gain = paired(accs, plain)
         rows.append({"config": name, "shot": shot, **_fmt(summary(accs)),

@@ -35,9 +35,9 @@ from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.evaluation import task_accuracies
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.icfil_synthesis import Synthesis
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.scoring import paired, score, summary
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
 
@@ -93,7 +93,7 @@ def embeddings(params, model, teachers, imageset, tasks, shot: int) -> list[dict
             rows.append({"config": f"teacher_{i:03d} nearest prototype", "shot": shot, **_fmt(summary(acc))})
     rows.append({"config": "teachers' ensemble", "shot": shot,
                  **_fmt(summary((ensemble.argmax(2) == batch.yq).float().mean(1)))})
-    accs = score(params.replace(num_sup_test=shot), model, imageset, tasks)
+    accs = score(params.replace(num_sup_test=shot), model, imageset, tasks, meta_learner=params.meta_learner)
     rows.append({"config": "meta-model (test-time adaptation)", "shot": shot, **_fmt(summary(accs))})
     return rows
 
@@ -101,7 +101,7 @@ def embeddings(params, model, teachers, imageset, tasks, shot: int) -> list[dict
 def calibrations(params, model, teachers, imageset, tasks, shot: int, configs: dict, mixes: dict) -> list[dict]:
     """Paired rows: ICFIL on teacher labels, with inverted pseudo images (configs) or mixes."""
     p = params.replace(num_sup_test=shot)
-    plain = score(p, model, imageset, tasks)
+    plain = score(p, model, imageset, tasks, meta_learner=p.meta_learner)
     rows = [{"config": "plain", "shot": shot, **_fmt(summary(plain)), "difference": 0.0, "diff_ci95": 0.0,
              "seconds": "", "cost_ratio": "", "knobs": "{}"}]
     learner = build_learner(p.meta_learner, model, p.test_inner_update_num, p.inner_lr, fast=True)

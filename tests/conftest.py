@@ -33,7 +33,7 @@ from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool_storage import TeacherRecord, save_pool
 from purer_mlops.paths import Project
 from purer_mlops.stages import metatrain as train
-from purer_mlops.teachers import training as pretrain
+from purer_mlops.stages import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin/: `purer`, `dvc`, `actionlint`

@@ -28,8 +28,8 @@ from PIL import Image
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.icfil import ICFIL
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
 
 
@@ -50,7 +50,8 @@ def test_adapt_gives_the_metatest_predictions_and_accuracy(adapt_project: Path, 
     rows = read_rows(tmp_path / "p.csv")
 
     model, _ = load_model(Project(adapt_project).meta.best)
-    expected_acc = metatest.score(params, model, test, tasks)  # the metatest code path, one task
+    # the metatest code path, one task
+    expected_acc = metatest.score(params, model, test, tasks, meta_learner=params.meta_learner)
     learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr)
     xs, ys, xq, yq = stack_tasks(test, tasks, torch.device("cpu")).task(0)
     with torch.no_grad():

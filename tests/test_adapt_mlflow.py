@@ -41,10 +41,11 @@ from conftest import (
 
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.checkpoint import load_model
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
 from purer_mlops.serve.pyfunc import IMAGE_ROOT
+from purer_mlops.stages.metatrain import log_selected_model
 from purer_mlops.tracking import open_tracker
 from purer_mlops.tracking.inputs import dvc_md5
 
@@ -95,7 +96,7 @@ def test_the_logged_pyfunc_model_predicts_what_metatest_predicts(adapt_project, 
     params = adapt_params(tracking=True, experiment_name="pyfunc")
     metrics = json.loads((adapt_project / "results" / "metatrain" / "metrics.json").read_text())
     with open_tracker(params, "metatrain", root) as tracker:
-        tracker.log_model(Project(root).meta.best, metrics)
+        log_selected_model(tracker, Project(root).meta.best, metrics)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/meta_model")
     expected, support, query = metatest_probabilities(root, shot=5)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from purer_mlops.config import Params
 from purer_mlops.meta.icfil import ICFIL, calibrated_keys
 from purer_mlops.meta.icfil_synthesis import Synthesis, initial_images
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import TaskBatch, task_labels
 from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.learners import build_learner
 
 WAY, SHOT, QUERY, SIZE = 3, 2, 2, 16
 

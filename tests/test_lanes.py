@@ -141,8 +141,8 @@ def test_two_lanes_validate_and_score_task_by_task_like_one(mixed_root: Path) ->
     test, tasks = metatest.fixed_test_tasks(params, Project(mixed_root))
     model = init_meta_model(params, None, test.image_size)
     with threads(2):
-        split = metatest.score(params.replace(lanes=2), model, test, tasks)
+        split = metatest.score(params.replace(lanes=2), model, test, tasks, meta_learner=params.meta_learner)
     with threads(1):
-        whole = metatest.score(params, model, test, tasks)
+        whole = metatest.score(params, model, test, tasks, meta_learner=params.meta_learner)
     assert split.shape == (7,)
     assert torch.equal(split, whole)

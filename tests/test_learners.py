@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from purer_mlops.data.dataset import ImageSet
 from purer_mlops.meta.evaluation import channels_last, task_accuracies
-from purer_mlops.meta.learners import MetaLearner, build_learner
 from purer_mlops.meta.tasks import TaskBatch
 from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward, max_pool2
+from purer_mlops.models.learners import MetaLearner, build_learner
 
 SIZE = 16
 

@@ -23,11 +23,12 @@ from purer_mlops.errors import UserError
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.evaluation import mean_ci95
 from purer_mlops.meta.icfil import ICFIL
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.pool import init_meta_model
 from purer_mlops.meta.tasks import stack_tasks
+from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
 from purer_mlops.stages import compare
+from purer_mlops.stages import metatest as metatest_stage
 from purer_mlops.stages import metatrain as train
 
 
@@ -72,7 +73,7 @@ def test_metatest_stage_writes_accuracy_interval_and_per_task(pool_project: Path
     root = copy_project(pool_project, tmp_path / "root")
     p = tiny_params(episode_test=9, icfil=True, **{"metatest.reference_protocol": True})
     train.run(p, Project(root), progress=False)
-    m = metatest.run(p, Project(root), progress=False)
+    m = metatest_stage.run(p, Project(root), progress=False)
     assert m["episodes"] == 9 and 0 <= m["accuracy"] <= 100 and m["ci95"] >= 0
     assert set(m["icfil"]["gain"]) == {"difference", "ci95"}
     assert m["reference_protocol"]["checkpoints"] >= 2
@@ -110,8 +111,9 @@ def test_compiled_test_time_adaptation_scores_like_the_eager_one(pool_project: P
     test, tasks = metatest.fixed_test_tasks(p, Project(pool_project))
     model = init_meta_model(p.replace(average=False), None, test.image_size)
     compiled = p.replace(**{"metatest.compile": True})
-    torch.testing.assert_close(metatest.score(compiled, model, test, tasks), metatest.score(p, model, test, tasks))
+    torch.testing.assert_close(metatest.score(compiled, model, test, tasks, meta_learner=p.meta_learner),
+                               metatest.score(p, model, test, tasks, meta_learner=p.meta_learner))
     monkeypatch.setenv("PATH", "/nonexistent")  # no C++ compiler: refused before any task runs
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(UserError, match=r"'metatest.compile' is true but no C\+\+ compiler"):
-        metatest.score(compiled, model, test, tasks)
+        metatest.score(compiled, model, test, tasks, meta_learner=p.meta_learner)

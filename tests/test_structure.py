@@ -22,16 +22,17 @@ SRC = REPO / "src"
 PACKAGE = SRC / "purer_mlops"
 # The module doing each stage's work (the CLI is a thin layer over it).
 STAGE_ENTRIES = {
-    "prepare": ["purer_mlops.data.glyphs", "purer_mlops.data.sources"],
-    "filelist": ["purer_mlops.data.filelist"],
-    "pretrain": ["purer_mlops.teachers.training"],
+    "prepare": ["purer_mlops.stages.prepare", "purer_mlops.data.glyphs", "purer_mlops.data.sources"],
+    "filelist": ["purer_mlops.stages.filelists", "purer_mlops.data.filelist"],
+    "pretrain": ["purer_mlops.stages.pretrain"],
     "metatrain": ["purer_mlops.stages.metatrain"],
-    "metatest": ["purer_mlops.meta.scoring"],
+    "metatest": ["purer_mlops.stages.metatest"],
 }
 # Modules (and packages) that move bytes, report or coordinate, but never change what a stage
-# computes; what they import is theirs (tracking logs the MLflow model, which is no DVC output).
+# computes; what they import is theirs (the MLflow model logged by ``serve.logged_model`` is no DVC output).
 INFRASTRUCTURE = {"purer_mlops.errors", "purer_mlops.fileio", "purer_mlops.paths", "purer_mlops.tracking",
-                  "purer_mlops.distributed", "purer_mlops.interrupts", "purer_mlops.compiling", "purer_mlops.children"}
+                  "purer_mlops.distributed", "purer_mlops.interrupts", "purer_mlops.compiling",
+                  "purer_mlops.serve.logged_model", "purer_mlops.children"}
 
 
 def _infrastructure(name: str) -> bool:
@@ -70,9 +71,14 @@ def _imports(name: str) -> set[str]:
     path = _module_file(name)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            node.body = []
+    tree = ast.parse(path.read_text())
+    # ast.walk queues a node's children before yielding it: collect the typing-only imports first
+    typing_only = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for stmt in node.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:

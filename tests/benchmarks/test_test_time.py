@@ -25,9 +25,9 @@ import torch
 from purer_mlops.config import Params
 from purer_mlops.meta.evaluation import channels_last
 from purer_mlops.meta.icfil import ICFIL
-from purer_mlops.meta.learners import build_learner
 from purer_mlops.meta.tasks import TaskBatch, task_labels
 from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.learners import build_learner
 
 TASKS, WAY, SHOT, QUERY, SIZE = 50, 5, 1, 15, 32
 MEDIANS: dict[tuple[str, str], float] = {}

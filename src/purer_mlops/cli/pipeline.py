@@ -1,4 +1,5 @@
-"""The pipeline's stages as commands: prepare, filelist, pretrain, metatrain, metatest, compare."""
+"""The pipeline's stages as commands (prepare, filelist, pretrain, metatrain, metatest, compare), each
+parsing its options and calling its runner in :mod:`purer_mlops.stages`."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: st
     Reads params `dataset`, `glyphs` and, for real datasets, data/raw/ (see README).
     Writes data/<dataset>/meta_{train,val,test}/<class>/<image>; `glyphs` is generated.
     """
-    from ..stages.datasets import prepare as run
+    from ..stages.prepare import prepare as run
 
     echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
 
@@ -38,7 +39,7 @@ def filelist(project: Project, params_path: Path | None, quiet: bool, dataset: s
     Reads data/<dataset>/meta_*/ and param `dataset`. Rows `filename,label` are sorted;
     also writes the class/image counts to results/data/<dataset>.json.
     """
-    from ..stages.datasets import filelist as run
+    from ..stages.filelists import filelist as run
 
     echo_json(run(load(project, params_path), project, dataset, progress=not quiet))
 
@@ -51,17 +52,11 @@ def pretrain(project: Project, params_path: Path | None, quiet: bool) -> None:
     `pool_mode`, `APInum`, `way_pretrain`, `seed`, `pretrain.*`. Writes models/teachers/
     (one safetensors file per teacher + pool.json) and results/pretrain/metrics.json.
     """
-    from ..distributed import pick_device, setup, teardown
-    from ..teachers.training import run
+    from ..stages.pretrain import main
 
-    params = load(project, params_path)
-    ranks = setup()  # teachers split across ranks under torchrun
-    try:
-        metrics = run(params, project, progress=not quiet, device=pick_device(params.device), ranks=ranks)
-        if ranks.is_main:
-            echo_json(metrics)
-    finally:
-        teardown(ranks)
+    metrics = main(load(project, params_path), project, progress=not quiet)
+    if metrics:  # rank 0 of torchrun's, or the only process
+        echo_json(metrics)
 
 
 @stage_command
@@ -74,22 +69,11 @@ def metatrain(project: Project, params_path: Path | None, quiet: bool, oracle: b
     last.pt to resume) and results/metatrain/ (metrics.json, train.csv, val.csv, bank.png).
     An interrupted run resumes from models/meta/last.pt when re-run with the same params.
     """
-    from ..distributed import setup, teardown
-    from ..stages.metatrain import run
-    from ..tracking import Tracker, open_tracker
+    from ..stages.metatrain import main
 
-    params = load(project, params_path)
-    ranks = setup()  # several processes under torchrun; one otherwise
-    try:
-        if not ranks.is_main:
-            run(params, project, oracle=oracle, progress=False, tracker=Tracker(), ranks=ranks)
-            return
-        with open_tracker(params, "metatrain", project.root) as tracker:
-            metrics = run(params, project, oracle=oracle, progress=not quiet, tracker=tracker, ranks=ranks)
-            tracker.log_model(project.meta.best, metrics)
-            echo_json(metrics)
-    finally:
-        teardown(ranks)
+    metrics = main(load(project, params_path), project, oracle=oracle, progress=not quiet)
+    if metrics:  # rank 0 of torchrun's, or the only process
+        echo_json(metrics)
 
 
 @stage_command
@@ -102,12 +86,9 @@ def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
     gain with its paired interval when `icfil` is on; the reference code's best-test-over-
     checkpoints number, labelled) and results/metatest/per_task.csv.
     """
-    from ..meta.scoring import run
-    from ..tracking import open_tracker
+    from ..stages.metatest import main
 
-    params = load(project, params_path)
-    with open_tracker(params, "metatest", project.root) as tracker:
-        echo_json(run(params, project, progress=not quiet, tracker=tracker))
+    echo_json(main(load(project, params_path), project, progress=not quiet))
 
 
 @stage_command
@@ -118,11 +99,8 @@ def compare(project: Project, params_path: Path | None, quiet: bool) -> None:
     and the meta-training and meta-testing params. Trains what is missing into
     models/compare/ and writes results/compare/compare.{json,md,png} and paired.json.
     """
-    from ..stages.compare import run
-    from ..tracking import open_tracker
+    from ..stages.compare import main
 
-    params = load(project, params_path)
-    with open_tracker(params, "compare", project.root) as tracker:
-        result = run(params, project, progress=not quiet, tracker=tracker)
+    result = main(load(project, params_path), project, progress=not quiet)
     click.echo((project.results("compare") / "compare.md").read_text())
     click.echo(f"wall time: {result['wall_seconds']} s")

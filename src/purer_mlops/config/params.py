@@ -173,7 +173,7 @@ class Params:
                                "empty: `[dataset]`", PRETRAIN, group=POOL)
     # meta-model and meta-training
     backbone: str = knob("conv4", "meta-model architecture", *TRAIN, choices=BACKBONES, group=TRAINING)
-    meta_learner: str = knob("maml", "meta-learning algorithm: `maml`, `anil` or `protonet`", *TEST,
+    meta_learner: str = knob("maml", "meta-learning algorithm: `maml`, `anil` or `protonet`", *TRAIN,
                              choices=META_LEARNERS, group=TRAINING)
     way_train: int = knob(5, "classes per meta-training task (N-way)", *TRAIN, ge=2, group=TRAINING)
     num_sup_train: int = knob(1, "support images per class of a meta-training task (K-shot)", *TRAIN, ge=1,

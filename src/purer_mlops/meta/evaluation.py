@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..data.dataset import ImageSet, TaskIndices
 from ..lanes import ONE, Lanes
-from .learners import MetaLearner, Weights
+from ..models.learners import MetaLearner, Weights
 from .tasks import TaskBatch, stack_tasks
 
 # predict(weights, tasks) -> query logits (T, Q, way) of the T tasks (ICFIL.batch)

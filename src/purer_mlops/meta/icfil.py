@@ -25,8 +25,8 @@ from torch.func import grad, vmap
 
 from ..config import CalibrationParams, InversionParams
 from ..models.backbones import fast_forward
+from ..models.learners import MetaLearner, ProtoNet, Weights, prototype_logits
 from .icfil_synthesis import Synthesis, class_means, pseudo_labels
-from .learners import MetaLearner, ProtoNet, Weights, prototype_logits
 from .tasks import TaskBatch
 
 

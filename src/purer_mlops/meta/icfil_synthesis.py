@@ -26,8 +26,8 @@ from torch.func import grad
 
 from ..config import CalibrationParams, InversionParams
 from ..models.backbones import capture_bn_inputs
+from ..models.learners import MetaLearner, ProtoNet, Weights, prototype_logits
 from .inversion import total_variation
-from .learners import MetaLearner, ProtoNet, Weights, prototype_logits
 
 TERMS = ("hard", "feature", "diversity", "bn")
 
@@ -50,7 +50,7 @@ def initial_images(xs: torch.Tensor, way: int, noise: torch.Tensor) -> torch.Ten
 def class_means(z: torch.Tensor, way: int) -> torch.Tensor:
     """Class means (way, D) of embeddings z (way·k, D) laid out in class order, k per class.
 
-    (A reshape, not :func:`~purer_mlops.meta.learners.prototypes`: ``one_hot`` cannot run under ``vmap``.)
+    (A reshape, not :func:`~purer_mlops.models.learners.prototypes`: ``one_hot`` cannot run under ``vmap``.)
     """
     return z.view(way, -1, z.shape[1]).mean(1)
 

@@ -29,10 +29,10 @@ from ..data.registry import DATASETS
 from ..distributed import SINGLE, Ranks
 from ..errors import UserError
 from ..lanes import ONE, Lanes
+from ..models.learners import Weights, build_learner
 from .curriculum import Curriculum
 from .evaluation import mean_ci95, task_accuracies
 from .inversion import TERMS, Bank, InversionLoss, random_shift
-from .learners import Weights, build_learner
 from .pool import Pool, init_meta_model
 from .tasks import TaskBatch, sample_pseudo_tasks, sample_real_tasks
 

@@ -2,7 +2,7 @@
 MLflow model).
 
 The adaptation is meta-testing's: the learner the model was meta-trained with
-(:func:`~purer_mlops.meta.learners.build_learner`) with the card's test-time inner loop, or
+(:func:`~purer_mlops.models.learners.build_learner`) with the card's test-time inner loop, or
 :class:`~purer_mlops.meta.icfil.ICFIL` on top of it. The meta-model's BatchNorm normalises with
 the statistics of the batch it sees (as in meta-training and meta-testing), so queries go in
 batches the size of a meta-test query set (the card's ``query_batch``); with more queries than
@@ -23,8 +23,8 @@ from ..config import Params
 from ..errors import UserError
 from ..meta.checkpoint import load_model
 from ..meta.icfil import ICFIL
-from ..meta.learners import MetaLearner, build_learner
 from ..models.backbones import Classifier
+from ..models.learners import MetaLearner, build_learner
 from .images import FewShotTask, check_modes, check_support_classes, decode, support_set
 
 # Learners whose number of classes is fixed by a linear head.

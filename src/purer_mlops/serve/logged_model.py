@@ -1,4 +1,5 @@
-"""The selected meta-model as an MLflow 3 logged model of the meta-training run.
+"""The selected meta-model as an MLflow 3 logged model of the meta-training run (stage
+``metatrain`` hands :func:`log_meta_model` to its tracker).
 
 A ``pyfunc`` model (:mod:`purer_mlops.serve.pyfunc`) holding ``best.safetensors`` and its card,
 the package's code (so it loads and serves where purer-mlops is not installed, given its pip
@@ -9,7 +10,6 @@ lists it under "Logged models" and the model page shows its metrics.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -71,21 +71,3 @@ def log_meta_model(client: Any, run_id: str, stem: Path, metrics: dict) -> str:
     linked = {k: float(metrics[k]) for k in ("best_val_accuracy", "final_val_accuracy") if k in metrics}
     client.log_batch(run_id, metrics=[Metric(k, v, now, step, model_id=info.model_id) for k, v in linked.items()])
     return info.model_id
-
-
-def link_test_metrics(client: Any, run_id: str, metrics_file: Path) -> None:
-    """Log a metatest run's accuracy again, linked to the logged model it evaluated (its parent
-    run's), so the model's page shows its meta-test accuracy beside its meta-val one."""
-    from mlflow.entities import Metric
-
-    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-    if not parent or not metrics_file.is_file():
-        return
-    outputs = client.get_run(parent).outputs
-    models = list(outputs.model_outputs) if outputs else []
-    if not models:
-        return
-    values = json.loads(metrics_file.read_text())
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(values[k]), now, 0, model_id=models[-1].model_id)
-                                      for k in ("accuracy", "ci95") if k in values])

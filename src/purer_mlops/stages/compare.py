@@ -25,7 +25,7 @@ from ..meta.checkpoint import fingerprint, load_model, matching_resume_state
 from ..meta.pool import init_meta_model, load_teachers
 from ..meta.scoring import fixed_test_tasks, paired, score, summary
 from ..paths import Project
-from ..tracking import Tracker
+from ..tracking import Tracker, open_tracker
 from . import metatrain as train
 from .compare_report import bar_chart, table_markdown
 
@@ -85,7 +85,8 @@ def score_column(params: Params, shot: int, project: Project, progress: bool, tr
                 rows.append({"method": method, "shot": shot, "accuracy": None, "ci95": None,
                              "note": "pool not homogeneous in the meta-model's architecture"})
                 continue
-            accs[method] = score(p, model, test, tasks, icfil=method.endswith("+icfil"), progress=progress)
+            accs[method] = score(p, model, test, tasks, meta_learner=p.meta_learner, icfil=method.endswith("+icfil"),
+                                 progress=progress)
             rows.append({"method": method, "shot": shot, **summary(accs[method])})
             child.log_metrics({"test_accuracy": rows[-1]["accuracy"], "test_ci95": rows[-1]["ci95"]})
     diffs = [{"shot": shot, "a": a, "b": b, **paired(accs[a], accs[b])} for a, b in PAIRS if a in accs and b in accs]
@@ -115,3 +116,9 @@ def run(params: Params, project: Project, *, progress: bool = True, tracker: Tra
     for path in ("compare.json", "paired.json", "compare.md", "compare.png"):
         tracker.log_artifact(out / path)
     return {"rows": rows, "paired": diffs, "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def main(params: Params, project: Project, progress: bool = True) -> dict:
+    """The stage as ``purer compare`` runs it: :func:`run` inside its MLflow run."""
+    with open_tracker(params, "compare", project.root) as tracker:
+        return run(params, project, progress=progress, tracker=tracker)

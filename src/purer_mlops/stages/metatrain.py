@@ -1,8 +1,8 @@
-"""Stage ``metatrain``: build a :class:`~.trainer.MetaTrainer` from the project, run its loop.
+"""Stage ``metatrain``: build a :class:`~purer_mlops.meta.trainer.MetaTrainer` from the project, run its loop.
 
 The loop is short; what happens around the iterations lives in named hooks: validation
 (and model selection), the resumable checkpoint, the bank images. A run resumes from its
-``last.pt`` when the fingerprint matches (:mod:`.checkpoint`); under ``torchrun`` every rank
+``last.pt`` when the fingerprint matches (:mod:`purer_mlops.meta.checkpoint`); under ``torchrun`` every rank
 runs the loop on its share of the work and only rank 0 validates and writes. Ctrl-C or SIGTERM
 (one process) end the current iteration, save the resumable state, then stop.
 """
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..config import Params
 from ..data.dataset import load_split
-from ..distributed import SINGLE, Ranks, pick_device
+from ..distributed import SINGLE, Ranks, pick_device, setup, teardown
 from ..errors import UserError
 from ..fileio import check_replaceable, read_json, write_csv, write_json, write_with
 from ..interrupts import Interrupted, Pending, held
@@ -37,7 +37,8 @@ from ..meta.checkpoint import (
 from ..meta.pool import load_teachers
 from ..meta.trainer import TRAIN_COLUMNS, MetaTrainer
 from ..paths import ModelDir, Project
-from ..tracking import Tracker
+from ..serve.logged_model import log_meta_model
+from ..tracking import Tracker, open_tracker
 
 # Updates skipped in a row (non-finite losses or gradients) after which the run has diverged.
 DIVERGED_AFTER = 20
@@ -250,3 +251,24 @@ def _train(trainer: MetaTrainer, files: RunFiles, tracker: Tracker, fp: str, *, 
     metrics = summary(trainer, resumed_from, started)
     write_json(files.results / "metrics.json", metrics)
     return metrics
+
+
+def log_selected_model(tracker: Tracker, stem: Path, metrics: dict) -> None:
+    """Keep the selected meta-model ``<stem>.*`` in the run as an MLflow model, linked to ``metrics``."""
+    tracker.log_model(stem, lambda client, run_id: log_meta_model(client, run_id, stem, metrics))
+
+
+def main(params: Params, project: Project, *, oracle: bool = False, progress: bool = True) -> dict:
+    """The stage as ``purer metatrain`` runs it: :func:`run` in one process, or on every rank under
+    ``torchrun``; rank 0 inside its MLflow run, which keeps the selected meta-model as an MLflow model
+    (:mod:`purer_mlops.serve.logged_model`). Returns the metrics (an empty dict on the other ranks)."""
+    ranks = setup()
+    try:
+        if not ranks.is_main:
+            return run(params, project, oracle=oracle, progress=False, tracker=Tracker(), ranks=ranks)
+        with open_tracker(params, "metatrain", project.root) as tracker:
+            metrics = run(params, project, oracle=oracle, progress=progress, tracker=tracker, ranks=ranks)
+            log_selected_model(tracker, project.meta.best, metrics)
+            return metrics
+    finally:
+        teardown(ranks)

@@ -1,4 +1,5 @@
-"""Stage ``pretrain``: train the pool of teachers that data-free meta-learning starts from.
+"""Training the pool of teachers that data-free meta-learning starts from (stage ``pretrain``,
+:mod:`purer_mlops.stages.pretrain`, saves and reports it).
 
 The meta_train classes of each dataset of ``params.teacher_datasets`` are cut into label
 sets of ``way_pretrain`` classes (:func:`plan_pool`), and one classifier is trained per set
@@ -6,10 +7,8 @@ sets of ``way_pretrain`` classes (:func:`plan_pool`), and one classifier is trai
 (or a fixed epoch count), gradient-norm clipping, Adam for conv4 and SGD for ResNets, the
 initialisation, schedule and augmentation of ``pretrain.recipe`` (:mod:`.recipes`,
 :mod:`.augment`), and the epoch with the best held-out accuracy kept (a copy of it: the
-reference kept the live weights, i.e. the last epoch). Outputs: the pool at
-``models/teachers/`` (see :mod:`..models.pool`), ``results/pretrain/metrics.json`` and the
-per-teacher table ``results/pretrain/teachers.md`` (:mod:`.pool_table`), whose quality check can
-fail the stage.
+reference kept the live weights, i.e. the last epoch); :func:`trained_teachers` trains a
+list of them side by side.
 
 Every teacher draws its initialisation, batch order and augmentation from its own seed,
 derived from ``params.seed`` and its index in the pool, so its weights do not depend on which
@@ -19,12 +18,9 @@ other teachers were trained before it in the same process (teachers can be sprea
 from __future__ import annotations
 
 import math
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +28,11 @@ from torch import nn
 
 from ..compiling import check_compiler
 from ..config import Params
-from ..data.dataset import ImageSet, class_view, load_split
-from ..distributed import SINGLE, Ranks
+from ..data.dataset import ImageSet, class_view
 from ..errors import UserError
-from ..fileio import write_json, write_text
 from ..lanes import lane_count, open_lanes
 from ..models.backbones import build_backbone
-from ..models.pool_storage import TeacherRecord, save_pool
-from ..paths import Project
 from .augment import Augmentation
-from .pool_table import TeacherRow, check_quality, format_table
 from .recipes import make_optimizer, make_schedule, reference_init
 
 MIX_CYCLE = ("conv4", "resnet10", "resnet18")
@@ -265,55 +256,8 @@ def train_teacher(spec: TeacherSpec, imageset: ImageSet, params: Params,
     return TrainedTeacher(state=best[2], accuracy=best[0][0], best_epoch=best[1], epochs=epochs, steps=steps)
 
 
-def _summary(accs: list[float]) -> dict:
-    return {"teachers": len(accs), "acc_mean": sum(accs) / len(accs), "acc_min": min(accs),
-            "acc_max": max(accs)}
-
-
-def pool_metrics(rows: list[TeacherRow]) -> dict:
-    """Held-out accuracy mean/min/max overall, ``by_arch``, ``by_dataset``, and ``by_teacher``."""
-    metrics = _summary([r.accuracy for r in rows])
-    for key in ("arch", "dataset"):
-        groups: dict[str, list[float]] = {}
-        for r in rows:
-            groups.setdefault(getattr(r, key), []).append(r.accuracy)
-        metrics[f"by_{key}"] = {k: _summary(v) for k, v in groups.items()}
-    metrics["by_teacher"] = {r.name: r.metrics() for r in rows}
-    return metrics
-
-
-def _reported(pairs: Iterable[tuple[TeacherRow, TeacherRecord, dict[str, torch.Tensor]]], rows: list[TeacherRow],
-              min_accuracy: float, results: Path) -> Iterator[tuple[TeacherRecord, dict[str, torch.Tensor]]]:
-    """Pass the pool on to :func:`save_pool`, collecting its rows in ``rows``; once every teacher
-    is through, print and write the table and apply the quality check. Raising here, inside the
-    stream, makes ``save_pool`` drop the new folder and keep the previous pool."""
-    for row, record, state in pairs:
-        rows.append(row)
-        yield record, state
-    table = results / "teachers.md"
-    print(format_table(rows, min_accuracy, names=False), file=sys.stderr, end="")
-    low = any(r.accuracy < min_accuracy for r in rows)
-    note = ("\n**Failed:** teachers below pretrain.min_accuracy; models/teachers/ was not replaced.\n"
-            if low else "")
-    write_text(table, "# Teacher pool\n\n" + format_table(rows, min_accuracy) + note)
-    check_quality(rows, min_accuracy, str(Path("results") / "pretrain" / table.name))
-
-
-def _described(spec: TeacherSpec, imageset: ImageSet, t: TrainedTeacher
-               ) -> tuple[TeacherRow, TeacherRecord, dict[str, torch.Tensor]]:
-    """The table row, the pool record and the weights of one trained teacher."""
-    classes = tuple(imageset.classes[c] for c in spec.class_ids)
-    record = TeacherRecord(arch=spec.arch, dataset=spec.dataset, image_size=imageset.image_size,
-                           mean=imageset.mean, std=imageset.std, classes=classes,
-                           class_ids=spec.class_ids, accuracy=t.accuracy)
-    row = TeacherRow(name=f"teacher_{spec.index:03d}", arch=spec.arch, dataset=spec.dataset,
-                     class_ids=spec.class_ids, classes=classes, accuracy=t.accuracy,
-                     best_epoch=t.best_epoch, epochs=t.epochs, steps=t.steps)
-    return row, record, t.state
-
-
-def _trained(specs: list[TeacherSpec], sets: dict[str, ImageSet], params: Params, device: str | torch.device,
-             progress: bool) -> Iterator[tuple[TeacherSpec, TrainedTeacher]]:
+def trained_teachers(specs: list[TeacherSpec], sets: dict[str, ImageSet], params: Params, device: str | torch.device,
+                     progress: bool) -> Iterator[tuple[TeacherSpec, TrainedTeacher]]:
     """Train ``specs`` in order, as many side by side as there are lanes (each teacher is
     independent and seeded by its index), with a progress bar of the pool's worst accuracy so far."""
     from tqdm import tqdm
@@ -333,37 +277,3 @@ def _trained(specs: list[TeacherSpec], sets: dict[str, ImageSet], params: Params
                 bar.update(1)
                 bar.set_postfix(best_acc=f"{result.accuracy:.1f}", pool_min=f"{worst:.1f}")
                 yield spec, result
-
-
-def run(params: Params, project: Project, progress: bool = True,
-        device: str | torch.device = "cpu", ranks: Ranks = SINGLE) -> dict:
-    """Train the pool into ``models/teachers``; write ``results/pretrain/metrics.json``
-    and the table ``teachers.md`` beside it (also printed to stderr).
-
-    Returns the metrics of :func:`pool_metrics` and ``wall_seconds`` of the whole stage. A
-    teacher below ``pretrain.min_accuracy`` raises a :class:`UserError` after the table is
-    written; the previous pool and metrics stay. Under ``torchrun`` rank r trains teachers
-    r, r + N, ... (they are independent and seeded by their index, so the pool is the one a
-    single process trains); rank 0 gathers and writes them.
-    """
-    start = time.perf_counter()
-    sets = {d: load_split(d, project.dataset(d), "meta_train", progress=progress) for d in params.teacher_datasets}
-    specs = plan_pool(params, {d: len(s.classes) for d, s in sets.items()})
-    show = progress and ranks.is_main
-    if ranks.active:
-        mine = [s for i, s in enumerate(specs) if i % ranks.world == ranks.rank]
-        local = {s.index: t for s, t in _trained(mine, sets, params, device, show)}
-        done = {k: v for part in ranks.gather(local) for k, v in part.items()}
-        if not ranks.is_main:
-            return {}
-        triples = (_described(s, sets[s.dataset], done[s.index]) for s in specs)
-    else:
-        # one process: save_pool writes each teacher as soon as it is trained (one in memory)
-        triples = (_described(s, sets[s.dataset], t) for s, t in _trained(specs, sets, params, device, show))
-    results = project.results("pretrain")
-    rows: list[TeacherRow] = []
-    save_pool(project.teachers, _reported(triples, rows, params.pretrain.min_accuracy, results))
-    metrics = pool_metrics(rows)
-    metrics["wall_seconds"] = time.perf_counter() - start
-    write_json(results / "metrics.json", metrics)
-    return metrics

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 from ..paths import Project
 
@@ -35,3 +38,21 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def link_test_metrics(client: Any, run_id: str, metrics_file: Path) -> None:
+    """Log a metatest run's accuracy again, linked to the logged model it evaluated (its parent
+    run's), so the model's page shows its meta-test accuracy beside its meta-val one."""
+    from mlflow.entities import Metric
+
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if not parent or not metrics_file.is_file():
+        return
+    outputs = client.get_run(parent).outputs
+    models = list(outputs.model_outputs) if outputs else []
+    if not models:
+        return
+    values = json.loads(metrics_file.read_text())
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(values[k]), now, 0, model_id=models[-1].model_id)
+                                      for k in ("accuracy", "ci95") if k in values])

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..paths import Project
-from .outputs import meta_model_file, sha256, stage_artifacts, stage_metrics
+from .outputs import link_test_metrics, meta_model_file, sha256, stage_artifacts, stage_metrics
 
 
 class Tracker:
@@ -32,9 +32,9 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Attach tags to the run."""
 
-    def log_model(self, stem: Path, metrics: dict) -> None:
-        """Log the meta-model ``<stem>.safetensors`` (+ card) as the run's MLflow model, linked to
-        ``metrics`` (the stage's final metrics) at its selected iteration."""
+    def log_model(self, stem: Path, log: Callable[[Any, str], object]) -> None:
+        """Log the meta-model ``<stem>.safetensors`` (+ card) as the run's MLflow model: ``log(client,
+        run_id)`` writes it (the serving code knows what the model is; tracking only where it goes)."""
 
     @contextmanager
     def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
@@ -121,15 +121,14 @@ class MlflowTracker(Tracker):
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_model(self, stem: Path, metrics: dict) -> None:
+    def log_model(self, stem: Path, log: Callable[[Any, str], object]) -> None:
         from mlflow.exceptions import MlflowException
 
-        from ..serve.logged_model import log_meta_model
         from .store import TrackingError, root_cause
 
         self.flush()
         try:
-            log_meta_model(self.client, self.run_id, stem, metrics)
+            log(self.client, self.run_id)
         except (MlflowException, OSError) as err:
             raise TrackingError(f"cannot log the meta-model {stem} to MLflow run {self.run_id}: {root_cause(err)}. "
                                 f"The model itself is saved in {stem.parent}; fix the store, or set tracking: "
@@ -148,8 +147,6 @@ class MlflowTracker(Tracker):
         if metrics and metrics.is_file():
             self.log_metrics_file(metrics)
         if stage == "metatest":
-            from ..serve.logged_model import link_test_metrics
-
             link_test_metrics(self.client, self.run_id, project.results("metatest") / "metrics.json")
 
     @contextmanager

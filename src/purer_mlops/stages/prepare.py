@@ -1,12 +1,14 @@
-"""The two data stages: ``prepare`` (lay the dataset out) and ``filelist`` (write its CSVs)."""
+"""Stage ``prepare``: lay a dataset out in the seed's folder form (Glyph-FS is generated)."""
 
 from __future__ import annotations
 
-from ..config import Params
+from typing import TYPE_CHECKING
+
 from ..data import glyphs, sources
-from ..data.filelist import write_filelists
-from ..fileio import write_json
 from ..paths import Project
+
+if TYPE_CHECKING:  # the stage reads two knobs: importing config would make it depend on all of it
+    from ..config import Params
 
 
 def prepare(params: Params, project: Project, dataset: str | None = None, progress: bool = True) -> dict:
@@ -19,11 +21,3 @@ def prepare(params: Params, project: Project, dataset: str | None = None, progre
     else:
         summary = sources.prepare(name, project.raw, out, progress=progress)
     return summary
-
-
-def filelist(params: Params, project: Project, dataset: str | None = None, progress: bool = False) -> dict:
-    """Write ``data/<dataset>/split/{meta_train,meta_val,meta_test}.csv`` and a summary JSON."""
-    name = dataset or params.dataset
-    counts = write_filelists(project.dataset(name), progress)
-    write_json(project.results("data") / f"{name}.json", counts)
-    return counts

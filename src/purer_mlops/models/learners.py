@@ -13,14 +13,17 @@ Snell et al., NeurIPS 2017 (ProtoNet).
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..models.backbones import fast_forward
-from .tasks import TaskBatch
+from .backbones import fast_forward
+
+if TYPE_CHECKING:
+    from ..meta.tasks import TaskBatch
 
 Weights = dict[str, torch.Tensor]
 
