@@ -25,7 +25,7 @@ from torch.func import grad, vmap
 
 from ..config import CalibrationParams, InversionParams
 from ..models.backbones import fast_forward
-from ..models.learners import MetaLearner, ProtoNet, Weights, prototype_logits
+from ..models.learners import MetaLearner, Weights, prototype_logits
 from .icfil_synthesis import Synthesis, class_means, pseudo_labels
 from .tasks import TaskBatch
 
@@ -103,7 +103,7 @@ class ICFIL:
         learner = self.learner
         adapted = learner.adapt(weights, xs, ys)
         x_hat = self.synthesis.run(weights, adapted, xs, ys, noise, way)
-        if isinstance(learner, ProtoNet):
+        if learner.metric_based:
             z = learner.embed(adapted, torch.cat([xs, x_hat]))
             shot, m, w = len(xs) // way, len(x_hat) // way, self.cfg.pseudo_weight
             protos = (class_means(z[:len(xs)], way) * shot + class_means(z[len(xs):], way) * w * m) / (shot + w * m)

@@ -26,7 +26,7 @@ from torch.func import grad
 
 from ..config import CalibrationParams, InversionParams
 from ..models.backbones import capture_bn_inputs
-from ..models.learners import MetaLearner, ProtoNet, Weights, prototype_logits
+from ..models.learners import MetaLearner, Weights, prototype_logits
 from .inversion import total_variation
 
 TERMS = ("hard", "feature", "diversity", "bn")
@@ -78,8 +78,8 @@ def _diversity(z: torch.Tensor, way: int) -> torch.Tensor:
 
 def adapted_logits(learner: MetaLearner, adapted: Weights, zs: torch.Tensor, ys: torch.Tensor,
                    z: torch.Tensor, way: int) -> torch.Tensor:
-    """Logits (B, way) of embeddings z under the adapted classifier (ProtoNet: the support prototypes)."""
-    if isinstance(learner, ProtoNet):
+    """Logits (B, way) of embeddings z under the adapted classifier (a metric-based learner: the support prototypes)."""
+    if learner.metric_based:
         return prototype_logits(z, class_means(zs, way))
     return F.linear(z, adapted["head.weight"], adapted["head.bias"])
 

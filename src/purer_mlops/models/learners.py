@@ -46,7 +46,12 @@ def prototype_logits(zq: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 
 
 class MetaLearner:
-    """The common part of the three algorithms: a model, its inner-loop settings, task losses.
+    """The common part of the algorithms: a model, its inner-loop settings, task losses.
+
+    What the rest of the code asks of an algorithm is a class attribute: ``has_head`` (its
+    classes are the outputs of the linear head, so a task has at most that many) and
+    ``metric_based`` (the query is classified by distances to class prototypes of embeddings,
+    not by the head; ICFIL then re-estimates the prototypes instead of calibrating the head).
 
     Args:
         model: a :class:`~purer_mlops.models.backbones.Classifier` whose BatchNorm layers use
@@ -61,6 +66,9 @@ class MetaLearner:
         compiled: each inner step runs under ``torch.compile`` (test-time adaptation only: the
             meta-gradient's double backward does not compile).
     """
+
+    has_head: bool = True
+    metric_based: bool = False
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False,
                  fast: bool = False, compiled: bool = False):
@@ -163,6 +171,9 @@ class ANIL(MetaLearner):
 class ProtoNet(MetaLearner):
     """ProtoNet: no inner loop; the query is classified by its distance to the class prototypes."""
 
+    has_head = False
+    metric_based = True
+
     def query_logits(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                      way: int) -> torch.Tensor:
         zs, zq = self.embed(weights, xs), self.embed(weights, xq)
@@ -174,5 +185,5 @@ LEARNERS: dict[str, type[MetaLearner]] = {"maml": MAML, "anil": ANIL, "protonet"
 
 def build_learner(kind: str, model: nn.Module, inner_steps: int, inner_lr: float,
                   first_order: bool = False, fast: bool = False, compiled: bool = False) -> MetaLearner:
-    """The meta-learner named ``kind`` (``maml``, ``anil``, ``protonet``) for ``model``."""
+    """The meta-learner named ``kind`` (a key of :data:`LEARNERS`) for ``model``."""
     return LEARNERS[kind](model, inner_steps, inner_lr, first_order, fast, compiled)
