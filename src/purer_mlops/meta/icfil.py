@@ -85,17 +85,17 @@ class ICFIL:
         if cfg.calibrate == "head":  # the embeddings do not move: compute them once
             z = learner.embed(adapted, torch.cat([xs, x_hat]))
 
-            def loss(fast: Weights) -> torch.Tensor:
-                return ce(F.linear(z, fast["head.weight"], fast["head.bias"]))
+            def loss(inner: Weights) -> torch.Tensor:
+                return ce(F.linear(z, inner["head.weight"], inner["head.bias"]))
         else:
-            def loss(fast: Weights) -> torch.Tensor:
-                return ce(learner.logits({**adapted, **fast}, torch.cat([xs, x_hat])))
+            def loss(inner: Weights) -> torch.Tensor:
+                return ce(learner.logits({**adapted, **inner}, torch.cat([xs, x_hat])))
 
-        fast = {k: adapted[k] for k in keys}
+        inner = {k: adapted[k] for k in keys}
         for _ in range(cfg.calibration_steps):
-            g = grad(loss)(fast)
-            fast = {k: fast[k] - cfg.calibration_lr * g[k] for k in fast}
-        return {**adapted, **fast}
+            g = grad(loss)(inner)
+            inner = {k: inner[k] - cfg.calibration_lr * g[k] for k in inner}
+        return {**adapted, **inner}
 
     def task(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
              noise: torch.Tensor, way: int) -> torch.Tensor:

@@ -95,23 +95,23 @@ class MetaLearner:
         feats = {k.removeprefix("features."): v for k, v in weights.items() if k.startswith("features.")}
         return functional_call(self.model.features, feats, (x,))
 
-    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """The support loss (0-dim) the inner loop minimises over ``fast``, given ``inputs``."""
+    def inner_loss(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """The support loss (0-dim) the inner loop minimises over ``inner``, given ``inputs``."""
         raise NotImplementedError(f"{type(self).__name__} has no inner loop")
 
-    def sgd_step(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
-        """One SGD step on ``fast`` (a sub-dict of weights) down :meth:`inner_loss`."""
+    def sgd_step(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
+        """One SGD step on ``inner`` (a sub-dict of weights) down :meth:`inner_loss`."""
         with fast_forward(self.fast):  # also inside a compiled step, which traces it
-            g = grad(self.inner_loss)(fast, inputs, ys)
+            g = grad(self.inner_loss)(inner, inputs, ys)
         if self.first_order:
             g = {k: v.detach() for k, v in g.items()}
-        return {k: fast[k] - self.inner_lr * g[k] for k in fast}
+        return {k: inner[k] - self.inner_lr * g[k] for k in inner}
 
-    def sgd(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
-        """``inner_steps`` SGD steps on ``fast`` (:meth:`sgd_step`, or its compiled form)."""
+    def sgd(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
+        """``inner_steps`` SGD steps on ``inner`` (:meth:`sgd_step`, or its compiled form)."""
         for _ in range(self.inner_steps):
-            fast = self.step(fast, inputs, ys)
-        return fast
+            inner = self.step(inner, inputs, ys)
+        return inner
 
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
         """The inner loop on the support xs (S, 3, H, W), ys (S,); the base learner does not adapt."""
@@ -149,8 +149,8 @@ class MetaLearner:
 class MAML(MetaLearner):
     """MAML: every weight takes the inner-loop steps."""
 
-    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(fast, inputs), ys)
+    def inner_loss(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(inner, inputs), ys)
 
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
         return self.sgd(weights, xs, ys)
@@ -159,9 +159,9 @@ class MAML(MetaLearner):
 class ANIL(MetaLearner):
     """ANIL: only the head (the linear classifier) takes the inner-loop steps."""
 
-    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        # fast: the head; inputs: the support's embeddings
-        return F.cross_entropy(F.linear(inputs, fast["head.weight"], fast["head.bias"]), ys)
+    def inner_loss(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        # inner: the head; inputs: the support's embeddings
+        return F.cross_entropy(F.linear(inputs, inner["head.weight"], inner["head.bias"]), ys)
 
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
         head = {k: v for k, v in weights.items() if k.startswith("head.")}
