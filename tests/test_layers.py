@@ -31,9 +31,16 @@ def _room(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _runtime_imports(path: Path, package: str) -> set[str]:
-    """Modules of the package imported by the file at ``path`` (whose package is ``package``)."""
+def _module_file(name: str) -> Path:
+    base = PACKAGE.parent / Path(*name.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def runtime_imports(path: Path, package: str) -> set[str]:
+    """Modules of the package imported at run time by the file at ``path`` (in ``package``);
+    ``from p import x`` imports the module ``p.x`` when there is one, else ``p``."""
     tree = ast.parse(path.read_text())
+    # ast.walk queues a node's children before yielding it: collect the typing-only imports first
     typing_only = {id(n) for node in ast.walk(tree)
                    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
                    for stmt in node.body for n in ast.walk(stmt)}
@@ -46,7 +53,9 @@ def _runtime_imports(path: Path, package: str) -> set[str]:
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
-            out |= {f"{base}.{a.name}" for a in node.names} if base == "purer_mlops" else {base}
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                out.add(candidate if _module_file(candidate).is_file() else base)
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
     return {m for m in out if m.startswith("purer_mlops")}
@@ -60,7 +69,7 @@ def import_arrows() -> dict[str, set[str]]:
         package = ".".join(parts[:-1])
         module = package if parts[-1] == "__init__" else ".".join(parts)
         room = _room(module)
-        targets = {_room(m) for m in _runtime_imports(path, package)} - {room}
+        targets = {_room(m) for m in runtime_imports(path, package)} - {room}
         arrows.setdefault(room, set()).update(targets)
     return arrows
 

@@ -175,7 +175,8 @@ class Params:
                                "empty: `[dataset]`", PRETRAIN, group=POOL)
     # meta-model and meta-training
     backbone: str = knob("conv4", "meta-model architecture", *TRAIN, choices=BACKBONES, group=TRAINING)
-    meta_learner: str = knob("maml", "meta-learning algorithm: " + ", ".join(f"`{k}`" for k in META_LEARNERS), *TRAIN,
+    meta_learner: str = knob("maml", "meta-learning algorithm: a name in `LEARNERS` (models/learners.py), such as "
+                             "`maml`, `anil`, `protonet`", *TRAIN,
                              choices=META_LEARNERS, group=TRAINING)
     way_train: int = knob(5, "classes per meta-training task (N-way)", *TRAIN, ge=2, group=TRAINING)
     num_sup_train: int = knob(1, "support images per class of a meta-training task (K-shot)", *TRAIN, ge=1,
