@@ -30,6 +30,7 @@ from purer_mlops.config import Params, from_dict
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import DATASETS
 from purer_mlops.models.backbones import build_backbone
+from purer_mlops.models.learners import LEARNERS, MetaLearner
 from purer_mlops.models.pool_storage import TeacherRecord, save_pool
 from purer_mlops.paths import Project
 from purer_mlops.stages import metatrain as train
@@ -38,6 +39,10 @@ from purer_mlops.stages import pretrain
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin/: `purer`, `dvc`, `actionlint`
 TINY_IMAGES_PER_CLASS = 20
+# Tests of every meta-learner take the names from the learners' registry, and the subsets by capability.
+LEARNER_NAMES = tuple(LEARNERS)
+INNER_LOOP_LEARNERS = tuple(k for k, c in LEARNERS.items() if c.inner_loss is not MetaLearner.inner_loss)
+HEAD_LEARNERS = tuple(k for k, c in LEARNERS.items() if not c.metric_based)
 GLYPHS_CLASSES = {"meta_train": 64, "meta_val": 16, "meta_test": 20}
 
 # Files and folders a fresh clone brings that DVC needs (dvc.yaml deps, config, ignores).

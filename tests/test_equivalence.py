@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_pool, small_glyphs, tiny_params
+from conftest import LEARNER_NAMES, random_pool, small_glyphs, tiny_params
 
 from purer_mlops.meta.inversion import TERMS
 from purer_mlops.meta.tasks import sample_pseudo_tasks
@@ -111,7 +111,7 @@ def adversarial(t: MetaTrainer) -> tuple[float, torch.Tensor]:
 
 @pytest.mark.parametrize("adv", [True, False], ids=["adversarial", "no-adversarial"])
 @pytest.mark.parametrize("pool", list(POOLS))
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_fast_step_equals_plain_in_float64(roots: dict[str, Path], pool: str, kind: str, adv: bool) -> None:
     ts = trainers(roots[pool], kind, pool, torch.float64)
     new, old = ts["fast"], ts["plain"]
@@ -144,7 +144,7 @@ def test_fast_step_equals_plain_in_float64(roots: dict[str, Path], pool: str, ki
 
 
 @pytest.mark.parametrize("pool", list(POOLS))
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_fast_losses_equal_plain_in_float32(roots: dict[str, Path], pool: str, kind: str) -> None:
     ts = trainers(roots[pool], kind, pool, torch.float32)
     (terms_new, _), (terms_old, _) = inversion(ts["fast"]), inversion(ts["plain"])

@@ -18,6 +18,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HEAD_LEARNERS, LEARNER_NAMES
 
 from purer_mlops.config import Params
 from purer_mlops.meta.icfil import ICFIL, calibrated_keys
@@ -45,7 +46,7 @@ def setup(kind: str = "maml", **calibration):
     return learner, ICFIL(learner, cfg, Params().inversion, seed=1), weights
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_a_batch_of_tasks_gives_each_task_its_own_result(kind: str) -> None:
     _, icfil, w = setup(kind, hard_weight=1.0, diversity_weight=0.5, bn_weight=0.1, calibrate="last")
     batch = tasks(3)
@@ -57,7 +58,7 @@ def test_a_batch_of_tasks_gives_each_task_its_own_result(kind: str) -> None:
     assert not torch.allclose(together[0], together[1])
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_fast_loop_equals_plain_vmap(kind: str) -> None:
     torch.manual_seed(0)
     model = build_backbone("conv4", WAY, SIZE, track_running_stats=False).double()
@@ -71,7 +72,7 @@ def test_fast_loop_equals_plain_vmap(kind: str) -> None:
     assert not torch.allclose(out[True][0], out[True][1])
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil"])
+@pytest.mark.parametrize("kind", HEAD_LEARNERS)
 def test_without_calibration_steps_icfil_is_plain_adaptation(kind: str) -> None:
     learner, icfil, w = setup(kind, calibration_steps=0)
     xs, ys, xq, _ = tasks(1).task(0)

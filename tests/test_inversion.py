@@ -19,8 +19,9 @@ import torch
 from purer_mlops.config import InversionParams
 from purer_mlops.data.registry import DatasetInfo
 from purer_mlops.meta.fused import compiled_folded_conv4
-from purer_mlops.meta.inversion import TERMS, InversionLoss, Teacher, jitter, total_variation
+from purer_mlops.meta.inversion import TERMS, InversionLoss, Teacher, jitter
 from purer_mlops.models.backbones import batchnorm_layers, build_backbone, capture_bn_inputs
+from purer_mlops.models.kernels import total_variation
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_pool, small_glyphs, tiny_params
+from conftest import LEARNER_NAMES, random_pool, small_glyphs, tiny_params
 from test_equivalence import FP64_RTOL, as_float64, flat, rel
 
 from purer_mlops.lanes import ONE, lane_count, open_lanes
@@ -86,7 +86,7 @@ def test_lane_count_follows_the_knob_the_device_and_the_threads() -> None:
 
 
 @pytest.mark.parametrize("adv", [True, False], ids=["adversarial", "no-adversarial"])
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_two_lanes_step_equals_one_lane_in_float64(mixed_root: Path, kind: str, adv: bool) -> None:
     params = tiny_params(meta_learner=kind, average=False)
     one = as_float64(build_trainer(params, Project(mixed_root)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import INNER_LOOP_LEARNERS, LEARNER_NAMES
 
 from purer_mlops.data.dataset import ImageSet
 from purer_mlops.meta.evaluation import channels_last, task_accuracies
@@ -139,7 +140,7 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means() -> None
     assert float(acc) == pytest.approx(float((expected.argmax(1) == yq).float().mean()))
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_batch_loss_batched_equals_loop(kind: str) -> None:
     # float64, so that a wrong batching rule (~1e-4) stands far above rounding (~1e-15)
     way = 3
@@ -190,7 +191,7 @@ def test_fast_max_pool_equals_max_pool_with_its_gradients(layout: torch.memory_f
     assert torch.autograd.gradgradcheck(max_pool2, (x,))
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_fast_learner_task_by_task_equals_plain_learner_under_vmap(kind: str) -> None:
     # evaluation runs a fast learner's tasks in a loop and a plain one's under vmap (meta/evaluation.py)
     way = 3
@@ -205,7 +206,7 @@ def test_fast_learner_task_by_task_equals_plain_learner_under_vmap(kind: str) ->
     assert plain[0].unique().numel() == 4
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil"])
+@pytest.mark.parametrize("kind", INNER_LOOP_LEARNERS)
 def test_compiled_test_time_steps_equal_the_eager_ones(kind: str) -> None:
     # metatrain.compile / metatest.compile: each inner step of test-time adaptation compiled
     way = 3
@@ -222,7 +223,7 @@ def test_compiled_test_time_steps_equal_the_eager_ones(kind: str) -> None:
     assert eager[0].unique().numel() == 3
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_channels_last_test_time_adaptation_equals_nchw(kind: str) -> None:
     way = 3
     model = tiny_model(way, torch.float64)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_project, tiny_params, tiny_raw, write_yaml
+from conftest import LEARNER_NAMES, copy_project, tiny_params, tiny_raw, write_yaml
 
 from purer_mlops.errors import UserError
 from purer_mlops.meta import scoring as metatest
@@ -51,7 +51,7 @@ def test_fixed_tasks_are_the_same_images_for_every_method(pool_project: Path) ->
     assert any(not torch.equal(a[1], b[1]) for a, b in zip(tasks_a, other, strict=True))
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+@pytest.mark.parametrize("kind", LEARNER_NAMES)
 def test_icfil_on_and_off_on_one_fixed_task(pool_project: Path, kind: str) -> None:
     p = tiny_params(meta_learner=kind, test_inner_update_num=2)
     test, tasks = metatest.fixed_test_tasks(p.replace(episode_test=1), Project(pool_project))

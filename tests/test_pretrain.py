@@ -19,11 +19,11 @@ from purer_mlops.lanes import open_lanes
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool_storage import load_pool, read_records
 from purer_mlops.paths import Project
+from purer_mlops.stages.pretrain import run
 from purer_mlops.teachers.training import accuracy as heldout_accuracy
 from purer_mlops.teachers.training import (
     block_label_sets,
     plan_pool,
-    run,
     teacher_data,
     train_teacher,
     training_forward,

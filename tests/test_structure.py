@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, run_purer
+from test_layers import runtime_imports
 
 from purer_mlops.config.derived import dvc_params_problems
 
@@ -69,27 +70,7 @@ def _module_file(name: str) -> Path:
 def _imports(name: str) -> set[str]:
     """Package modules ``name`` imports at run time (``if TYPE_CHECKING:`` blocks skipped)."""
     path = _module_file(name)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = set()
-    tree = ast.parse(path.read_text())
-    # ast.walk queues a node's children before yielding it: collect the typing-only imports first
-    typing_only = {id(n) for node in ast.walk(tree)
-                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                   for stmt in node.body for n in ast.walk(stmt)}
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            for alias in node.names:  # `from . import x` imports the module x
-                candidate = f"{base}.{alias.name}"
-                out.add(candidate if _module_file(candidate).is_file() else base)
-        elif isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-    return {m for m in out if m.startswith("purer_mlops")}
+    return runtime_imports(path, name if path.name == "__init__.py" else name.rpartition(".")[0])
 
 
 def _closure(entries: list[str]) -> set[str]:

@@ -10,9 +10,10 @@ from test_pretrain import make_dataset, params
 
 from purer_mlops.data.dataset import load_split
 from purer_mlops.data.registry import DATASETS
-from purer_mlops.models.backbones import build_backbone
+from purer_mlops.errors import UserError
+from purer_mlops.models.backbones import ARCHITECTURES, build_backbone
 from purer_mlops.teachers.augment import Augmentation
-from purer_mlops.teachers.recipes import lr_factor, make_schedule, reference_init
+from purer_mlops.teachers.recipes import RESNETS, lr_factor, make_optimizer, make_schedule, reference_init
 from purer_mlops.teachers.training import epochs_for, plan_pool, steps_per_epoch, train_teacher
 
 SIZE = 8
@@ -149,3 +150,16 @@ def test_reference_init_draws_conv_weights_with_fan_out_variance() -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             assert bool((m.weight == 1).all()) and bool((m.bias == 0).all())
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_backbone_has_a_teacher_optimiser(arch: str) -> None:
+    model = build_backbone(arch, 5, 32)
+    expected = torch.optim.SGD if arch in RESNETS else torch.optim.Adam
+    assert isinstance(make_optimizer(arch, model, params()), expected)
+
+
+def test_an_architecture_without_an_optimiser_is_refused() -> None:
+    model = build_backbone("conv4", 5, 32)
+    with pytest.raises(UserError, match="no teacher optimiser for architecture 'vit'.*teachers/recipes.py"):
+        make_optimizer("vit", model, params())

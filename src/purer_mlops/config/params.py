@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.registry import DATASETS
+from ..models.backbones import ARCHITECTURES
+from ..models.learners import LEARNERS
 from .knobs import (
     DATA,
     FILELIST,
@@ -29,8 +31,8 @@ from .knobs import (
     section,
 )
 
-BACKBONES = ("conv4", "resnet10", "resnet18", "resnet12")
-META_LEARNERS = ("maml", "anil", "protonet")
+BACKBONES = tuple(ARCHITECTURES)
+META_LEARNERS = tuple(LEARNERS)
 METHODS = ("random", "average", "ei", "purer", "purer+icfil", "oracle")
 TRAIN, TEST = (METATRAIN,), (METATRAIN, METATEST)  # meta-val tasks are shaped like meta-test ones
 
@@ -173,7 +175,8 @@ class Params:
                                "empty: `[dataset]`", PRETRAIN, group=POOL)
     # meta-model and meta-training
     backbone: str = knob("conv4", "meta-model architecture", *TRAIN, choices=BACKBONES, group=TRAINING)
-    meta_learner: str = knob("maml", "meta-learning algorithm: `maml`, `anil` or `protonet`", *TRAIN,
+    meta_learner: str = knob("maml", "meta-learning algorithm: a name in `LEARNERS` (models/learners.py), such as "
+                             "`maml`, `anil`, `protonet`", *TRAIN,
                              choices=META_LEARNERS, group=TRAINING)
     way_train: int = knob(5, "classes per meta-training task (N-way)", *TRAIN, ge=2, group=TRAINING)
     num_sup_train: int = knob(1, "support images per class of a meta-training task (K-shot)", *TRAIN, ge=1,

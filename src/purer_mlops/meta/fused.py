@@ -32,78 +32,9 @@ from torch import nn
 from torch.func import functional_call
 
 from ..models.backbones import Classifier, Conv4, capture_bn_inputs
+from ..models.kernels import batch_stats, bn_statistics_term
 
 CL = torch.channels_last
-
-
-def _rows(y: torch.Tensor) -> torch.Tensor:
-    """y (N, C, H, W) as rows (N·H·W, C): a view for channels-last y, a copy otherwise."""
-    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-
-
-class BatchStats(torch.autograd.Function):
-    """Per-channel mean and (biased) variance (C,) of y (N, C, H, W) from Σy and Σy².
-
-    The backward is one fused pass, ∂/∂y = ḡ_μ/n + 2·ḡ_σ²·(y − μ)/n, where autograd would
-    take several; it is first order only (the inversion never differentiates it twice).
-    """
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = _rows(y)
-        n = flat.shape[0]
-        mean = flat.sum(0) / n
-        ctx.save_for_backward(y, mean)
-        return mean, (flat * flat).sum(0) / n - mean * mean
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:
-        y, mean = ctx.saved_tensors
-        flat = _rows(y)
-        a = g_var * (2.0 / flat.shape[0])
-        b = g_mean / flat.shape[0] - mean * a
-        n, c, h, w = y.shape  # computed on the (N·H·W, C) rows: the result is channels-last like y
-        return torch.addcmul(b, flat, a).view(n, h, w, c).permute(0, 3, 1, 2)
-
-
-def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance (C,) of y (N, C, H, W), in one pass over y."""
-    return BatchStats.apply(y)
-
-
-# The four neighbour differences of total variation, as (minuend, subtrahend) slices of (..., H, W).
-_TV_PAIRS = (((..., slice(None), slice(None, -1)), (..., slice(None), slice(1, None))),
-             ((..., slice(None, -1), slice(None)), (..., slice(1, None), slice(None))),
-             ((..., slice(1, None), slice(None, -1)), (..., slice(None, -1), slice(1, None))),
-             ((..., slice(None, -1), slice(None, -1)), (..., slice(1, None), slice(1, None))))
-
-
-class GroupTotalVariation(torch.autograd.Function):
-    """Σ_t TV(x_t) over the teachers of a group, x (T, n, 3, H, W), TV as :func:`~.inversion.total_variation`.
-
-    The backward adds each difference's D_kᵀ(D_k x/‖D_k x‖) into one gradient buffer; autograd
-    would zero-fill and add a full-size tensor for each of the eight slices.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        diffs = [x[a] - x[b] for a, b in _TV_PAIRS]
-        norms = [d.flatten(1).norm(dim=1) for d in diffs]  # (T,) each
-        ctx.save_for_backward(*diffs, *norms)
-        ctx.shape = x.shape
-        return torch.stack(norms).sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        diffs, norms = ctx.saved_tensors[:4], ctx.saved_tensors[4:]
-        gx = diffs[0].new_zeros(ctx.shape)
-        for (a, b), d, norm in zip(_TV_PAIRS, diffs, norms, strict=True):
-            r = d * torch.where(norm > 0, g / norm, 0).view(-1, *[1] * (d.dim() - 1))
-            gx[a] += r
-            gx[b] -= r
-        return gx
 
 
 def folded_conv4(x: torch.Tensor, layers: list[tuple[torch.Tensor, ...]], head: tuple[torch.Tensor, torch.Tensor]
@@ -119,7 +50,8 @@ def folded_conv4(x: torch.Tensor, layers: list[tuple[torch.Tensor, ...]], head: 
     for w, b, beta, inv_s, running_var in layers:
         y = F.conv2d(x, w, b, padding=1)
         mean, var = batch_stats(y)
-        bn = bn + ((mean - beta) * inv_s).norm() + (var * inv_s * inv_s - running_var).norm()
+        # mean(z) − μ = (mean(y) − β)/s and var(z) = var(y)/s² (the module docstring)
+        bn = bn_statistics_term(bn, (mean - beta) * inv_s, var * inv_s * inv_s, None, running_var)
         x = F.relu(F.max_pool2d(y, 2))
     return F.linear(x.flatten(1), *head), bn
 
@@ -175,7 +107,7 @@ class ModuleScorer:
         bn = x.new_zeros(())
         for (running_mean, running_var), f in zip(self.stats, feats, strict=True):
             var, mean = torch.var_mean(f.float() if f.dtype == torch.bfloat16 else f, dim=(0, 2, 3), correction=0)
-            bn = bn + (mean - running_mean).norm() + (var - running_var).norm()
+            bn = bn_statistics_term(bn, mean, var, running_mean, running_var)
         return logits, bn
 
 

@@ -25,7 +25,7 @@ from torch.func import grad, vmap
 
 from ..config import CalibrationParams, InversionParams
 from ..models.backbones import fast_forward
-from ..models.learners import MetaLearner, ProtoNet, Weights, prototype_logits
+from ..models.learners import MetaLearner, Weights, prototype_logits
 from .icfil_synthesis import Synthesis, class_means, pseudo_labels
 from .tasks import TaskBatch
 
@@ -85,17 +85,17 @@ class ICFIL:
         if cfg.calibrate == "head":  # the embeddings do not move: compute them once
             z = learner.embed(adapted, torch.cat([xs, x_hat]))
 
-            def loss(fast: Weights) -> torch.Tensor:
-                return ce(F.linear(z, fast["head.weight"], fast["head.bias"]))
+            def loss(inner: Weights) -> torch.Tensor:
+                return ce(F.linear(z, inner["head.weight"], inner["head.bias"]))
         else:
-            def loss(fast: Weights) -> torch.Tensor:
-                return ce(learner.logits({**adapted, **fast}, torch.cat([xs, x_hat])))
+            def loss(inner: Weights) -> torch.Tensor:
+                return ce(learner.logits({**adapted, **inner}, torch.cat([xs, x_hat])))
 
-        fast = {k: adapted[k] for k in keys}
+        inner = {k: adapted[k] for k in keys}
         for _ in range(cfg.calibration_steps):
-            g = grad(loss)(fast)
-            fast = {k: fast[k] - cfg.calibration_lr * g[k] for k in fast}
-        return {**adapted, **fast}
+            g = grad(loss)(inner)
+            inner = {k: inner[k] - cfg.calibration_lr * g[k] for k in inner}
+        return {**adapted, **inner}
 
     def task(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
              noise: torch.Tensor, way: int) -> torch.Tensor:
@@ -103,7 +103,7 @@ class ICFIL:
         learner = self.learner
         adapted = learner.adapt(weights, xs, ys)
         x_hat = self.synthesis.run(weights, adapted, xs, ys, noise, way)
-        if isinstance(learner, ProtoNet):
+        if learner.metric_based:
             z = learner.embed(adapted, torch.cat([xs, x_hat]))
             shot, m, w = len(xs) // way, len(x_hat) // way, self.cfg.pseudo_weight
             protos = (class_means(z[:len(xs)], way) * shot + class_means(z[len(xs):], way) * w * m) / (shot + w * m)

@@ -26,8 +26,8 @@ from torch.func import grad
 
 from ..config import CalibrationParams, InversionParams
 from ..models.backbones import capture_bn_inputs
-from ..models.learners import MetaLearner, ProtoNet, Weights, prototype_logits
-from .inversion import total_variation
+from ..models.kernels import bn_statistics_term, total_variation
+from ..models.learners import MetaLearner, Weights, prototype_logits
 
 TERMS = ("hard", "feature", "diversity", "bn")
 
@@ -61,8 +61,8 @@ def _bn_gap(inputs: list[torch.Tensor], n_support: int) -> torch.Tensor:
     for h in inputs:
         dims = [0, *range(2, h.dim())]
         s, p = h[:n_support], h[n_support:]
-        total = total + (p.mean(dims) - s.mean(dims).detach()).norm() \
-            + (p.var(dims, unbiased=False) - s.var(dims, unbiased=False).detach()).norm()
+        total = bn_statistics_term(total, p.mean(dims), p.var(dims, unbiased=False), s.mean(dims).detach(),
+                                   s.var(dims, unbiased=False).detach())
     return total
 
 
@@ -78,8 +78,8 @@ def _diversity(z: torch.Tensor, way: int) -> torch.Tensor:
 
 def adapted_logits(learner: MetaLearner, adapted: Weights, zs: torch.Tensor, ys: torch.Tensor,
                    z: torch.Tensor, way: int) -> torch.Tensor:
-    """Logits (B, way) of embeddings z under the adapted classifier (ProtoNet: the support prototypes)."""
-    if isinstance(learner, ProtoNet):
+    """Logits (B, way) of embeddings z under the adapted classifier (a metric-based learner: the support prototypes)."""
+    if learner.metric_based:
         return prototype_logits(z, class_means(zs, way))
     return F.linear(z, adapted["head.weight"], adapted["head.bias"])
 

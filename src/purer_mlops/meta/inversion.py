@@ -14,8 +14,9 @@ reference's running-total bug weighted teacher i (N − i) times.
 
 The fast path gathers the bank once per group of teachers (same architecture, input size and
 normalisation) and scores each teacher with :mod:`.fused` (BatchNorm folded into the
-convolutions, channels-last); the plain per-teacher loop gives the same numbers and is kept as
-the benchmarks' and equivalence tests' yardstick.
+convolutions, channels-last; the kernels of :mod:`purer_mlops.models.kernels`); the plain
+per-teacher loop (:mod:`.plain_reference`, ``metatrain.batching: plain``) gives the same numbers
+and is kept as the benchmarks' and equivalence tests' yardstick.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from torch import nn
 
 from ..config import InversionParams
 from ..data.registry import DatasetInfo
-from ..models.backbones import capture_bn_inputs
-from .fused import GroupTotalVariation, scorer
+from ..models.kernels import GroupTotalVariation, at_least_fp32
+from .fused import scorer
+from .plain_reference import plain_terms
 
 TERMS = ("ce", "bn", "tv", "l2")
 
@@ -53,20 +55,6 @@ class Teacher:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 when it is in a lower precision (bf16 autocast), as it is otherwise."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Sum of the L2 norms of the right, down and two diagonal neighbour differences of x (B, 3, H, W)."""
-    d1 = x[..., :, :-1] - x[..., :, 1:]
-    d2 = x[..., :-1, :] - x[..., 1:, :]
-    d3 = x[..., 1:, :-1] - x[..., :-1, 1:]
-    d4 = x[..., :-1, :-1] - x[..., 1:, 1:]
-    return d1.norm() + d2.norm() + d3.norm() + d4.norm()
 
 
 def jitter(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -168,20 +156,6 @@ class InversionLoss:
             x = ((x * self.bank_std + self.bank_mean) - t_mean) / t_std
         return x
 
-    def _terms(self, model: nn.Module, x: torch.Tensor, *, bn_keys: list[str], y: torch.Tensor) -> torch.Tensor:
-        """The plain path: the four unweighted terms (4,) of one teacher on its images x (n, 3, s, s)."""
-        buffers = dict(model.named_buffers())
-        with capture_bn_inputs(model) as feats, self._autocast(x):
-            logits = model(x)
-        ce = F.cross_entropy(at_least_fp32(logits), y)
-        bn = x.new_zeros(())
-        for key, f in zip(bn_keys, feats, strict=True):
-            f = at_least_fp32(f)
-            mu = f.mean(dim=(0, 2, 3))
-            var = f.var(dim=(0, 2, 3), unbiased=False)
-            bn = bn + (mu - buffers[f"{key}.running_mean"]).norm() + (var - buffers[f"{key}.running_var"]).norm()
-        return torch.stack([ce, bn, total_variation(x), x.norm()])
-
     def _autocast(self, x: torch.Tensor) -> torch.autocast:
         return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
@@ -228,7 +202,7 @@ class InversionLoss:
                 t = self.teachers[g.members[j]]
                 x = bank[t.classes].flatten(0, 1)
                 x = jitter(self._to_teacher_space(x, t.image_size, t.mean, t.std), *shift)
-                sums = sums + self._terms(t.model, x, bn_keys=g.bn_keys, y=y)
+                sums = sums + plain_terms(t.model, x, bn_keys=g.bn_keys, y=y, autocast=self._autocast(x))
         out = {name: sums[i] for i, name in enumerate(TERMS)}
         out["loss"] = sum(self.weights[n] * out[n] for n in TERMS)
         return out

@@ -21,7 +21,7 @@ teachers keep running statistics, which the inversion loss matches.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -209,25 +209,27 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHITECTURES = ("conv4", "resnet10", "resnet18", "resnet12")
+def _conv4(image_size: int, track_running_stats: bool) -> Conv4:
+    if image_size < 16:
+        raise UserError(f"conv4 needs images of at least 16 px, got {image_size}.")
+    return Conv4(image_size, track_running_stats=track_running_stats)
+
+
+# The backbone registry: name → features(image_size, track_running_stats); every list of names derives from it.
+ARCHITECTURES: dict[str, Callable[[int, bool], nn.Module]] = {
+    "conv4": _conv4,
+    "resnet10": lambda _size, track: ResNet((1, 1, 1, 1), track),
+    "resnet18": lambda _size, track: ResNet((2, 2, 2, 2), track),
+    "resnet12": lambda _size, track: ResNet12(track),
+}
 
 
 def build_backbone(arch: str, num_classes: int, image_size: int,
                    track_running_stats: bool = True) -> Classifier:
     """Build a classifier of architecture ``arch`` for ``image_size``-pixel RGB images."""
-    if arch == "conv4":
-        if image_size < 16:
-            raise UserError(f"conv4 needs images of at least 16 px, got {image_size}.")
-        feats: nn.Module = Conv4(image_size, track_running_stats=track_running_stats)
-    elif arch == "resnet10":
-        feats = ResNet((1, 1, 1, 1), track_running_stats)
-    elif arch == "resnet18":
-        feats = ResNet((2, 2, 2, 2), track_running_stats)
-    elif arch == "resnet12":
-        feats = ResNet12(track_running_stats)
-    else:
+    if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}.")
-    return Classifier(feats, num_classes)
+    return Classifier(ARCHITECTURES[arch](image_size, track_running_stats), num_classes)
 
 
 @contextmanager

@@ -46,7 +46,12 @@ def prototype_logits(zq: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 
 
 class MetaLearner:
-    """The common part of the three algorithms: a model, its inner-loop settings, task losses.
+    """The common part of the algorithms: a model, its inner-loop settings, task losses.
+
+    What the rest of the code asks of an algorithm is a class attribute: ``has_head`` (its
+    classes are the outputs of the linear head, so a task has at most that many) and
+    ``metric_based`` (the query is classified by distances to class prototypes of embeddings,
+    not by the head; ICFIL then re-estimates the prototypes instead of calibrating the head).
 
     Args:
         model: a :class:`~purer_mlops.models.backbones.Classifier` whose BatchNorm layers use
@@ -61,6 +66,9 @@ class MetaLearner:
         compiled: each inner step runs under ``torch.compile`` (test-time adaptation only: the
             meta-gradient's double backward does not compile).
     """
+
+    has_head: bool = True
+    metric_based: bool = False
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False,
                  fast: bool = False, compiled: bool = False):
@@ -87,23 +95,23 @@ class MetaLearner:
         feats = {k.removeprefix("features."): v for k, v in weights.items() if k.startswith("features.")}
         return functional_call(self.model.features, feats, (x,))
 
-    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        """The support loss (0-dim) the inner loop minimises over ``fast``, given ``inputs``."""
+    def inner_loss(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """The support loss (0-dim) the inner loop minimises over ``inner``, given ``inputs``."""
         raise NotImplementedError(f"{type(self).__name__} has no inner loop")
 
-    def sgd_step(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
-        """One SGD step on ``fast`` (a sub-dict of weights) down :meth:`inner_loss`."""
+    def sgd_step(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
+        """One SGD step on ``inner`` (a sub-dict of weights) down :meth:`inner_loss`."""
         with fast_forward(self.fast):  # also inside a compiled step, which traces it
-            g = grad(self.inner_loss)(fast, inputs, ys)
+            g = grad(self.inner_loss)(inner, inputs, ys)
         if self.first_order:
             g = {k: v.detach() for k, v in g.items()}
-        return {k: fast[k] - self.inner_lr * g[k] for k in fast}
+        return {k: inner[k] - self.inner_lr * g[k] for k in inner}
 
-    def sgd(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
-        """``inner_steps`` SGD steps on ``fast`` (:meth:`sgd_step`, or its compiled form)."""
+    def sgd(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
+        """``inner_steps`` SGD steps on ``inner`` (:meth:`sgd_step`, or its compiled form)."""
         for _ in range(self.inner_steps):
-            fast = self.step(fast, inputs, ys)
-        return fast
+            inner = self.step(inner, inputs, ys)
+        return inner
 
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
         """The inner loop on the support xs (S, 3, H, W), ys (S,); the base learner does not adapt."""
@@ -141,8 +149,8 @@ class MetaLearner:
 class MAML(MetaLearner):
     """MAML: every weight takes the inner-loop steps."""
 
-    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(fast, inputs), ys)
+    def inner_loss(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(inner, inputs), ys)
 
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
         return self.sgd(weights, xs, ys)
@@ -151,9 +159,9 @@ class MAML(MetaLearner):
 class ANIL(MetaLearner):
     """ANIL: only the head (the linear classifier) takes the inner-loop steps."""
 
-    def inner_loss(self, fast: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        # fast: the head; inputs: the support's embeddings
-        return F.cross_entropy(F.linear(inputs, fast["head.weight"], fast["head.bias"]), ys)
+    def inner_loss(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        # inner: the head; inputs: the support's embeddings
+        return F.cross_entropy(F.linear(inputs, inner["head.weight"], inner["head.bias"]), ys)
 
     def adapt(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor) -> Weights:
         head = {k: v for k, v in weights.items() if k.startswith("head.")}
@@ -162,6 +170,9 @@ class ANIL(MetaLearner):
 
 class ProtoNet(MetaLearner):
     """ProtoNet: no inner loop; the query is classified by its distance to the class prototypes."""
+
+    has_head = False
+    metric_based = True
 
     def query_logits(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                      way: int) -> torch.Tensor:
@@ -174,5 +185,5 @@ LEARNERS: dict[str, type[MetaLearner]] = {"maml": MAML, "anil": ANIL, "protonet"
 
 def build_learner(kind: str, model: nn.Module, inner_steps: int, inner_lr: float,
                   first_order: bool = False, fast: bool = False, compiled: bool = False) -> MetaLearner:
-    """The meta-learner named ``kind`` (``maml``, ``anil``, ``protonet``) for ``model``."""
+    """The meta-learner named ``kind`` (a key of :data:`LEARNERS`) for ``model``."""
     return LEARNERS[kind](model, inner_steps, inner_lr, first_order, fast, compiled)

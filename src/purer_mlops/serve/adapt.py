@@ -24,11 +24,8 @@ from ..errors import UserError
 from ..meta.checkpoint import load_model
 from ..meta.icfil import ICFIL
 from ..models.backbones import Classifier
-from ..models.learners import MetaLearner, build_learner
+from ..models.learners import LEARNERS, MetaLearner, build_learner
 from .images import FewShotTask, check_modes, check_support_classes, decode, support_set
-
-# Learners whose number of classes is fixed by a linear head.
-HEADED = ("maml", "anil")
 
 
 @dataclass
@@ -57,8 +54,9 @@ def load_meta_model(stem: Path, device: torch.device | str = "cpu") -> MetaModel
 
 
 def check_way(card: dict, way: int) -> None:
-    """Refuse more classes than a MAML/ANIL head has outputs (ProtoNet takes any number)."""
-    if card["meta_learner"] in HEADED and way > card["way"]:
+    """Refuse more classes than the head of a headed learner (MAML, ANIL) has outputs (a metric-based
+    one, ProtoNet, takes any number)."""
+    if LEARNERS[card["meta_learner"]].has_head and way > card["way"]:
         raise UserError(f"the support has {way} classes but the meta-model's head has {card['way']} outputs "
                         f"({card['meta_learner']}): give at most {card['way']} classes, or meta-train with "
                         f"way_train: {way}.")

@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from ..config import Params
+from ..errors import UserError
 
 # The reference's MultiStepLR: milestones 30, 40, 50 of 60 epochs, gamma 0.2.
 REFERENCE_MILESTONES = (30 / 60, 40 / 60, 50 / 60)
 REFERENCE_GAMMA = 0.2
+# The architectures trained with SGD (``resnet_lr``); conv4 with Adam (``conv4_lr``).
+RESNETS = ("resnet10", "resnet18", "resnet12")
 
 
 def reference_init(model: nn.Module) -> None:
@@ -39,10 +42,14 @@ def reference_init(model: nn.Module) -> None:
 
 
 def make_optimizer(arch: str, model: nn.Module, params: Params) -> torch.optim.Optimizer:
-    """Adam at ``conv4_lr`` for conv4; SGD at ``resnet_lr`` with momentum and weight decay for ResNets."""
+    """Adam at ``conv4_lr`` for conv4; SGD at ``resnet_lr`` with momentum and weight decay for ResNets;
+    an architecture with no optimiser here is refused (a new backbone needs one)."""
     p = params.pretrain
     if arch == "conv4":
         return torch.optim.Adam(model.parameters(), lr=p.conv4_lr)
+    if arch not in RESNETS:
+        raise UserError(f"no teacher optimiser for architecture {arch!r}: add one to make_optimizer in "
+                        f"teachers/recipes.py, or pretrain with pre_backbone one of conv4, {', '.join(RESNETS)}.")
     return torch.optim.SGD(model.parameters(), lr=p.resnet_lr, momentum=p.momentum,
                            weight_decay=p.weight_decay)
 
