@@ -22,7 +22,7 @@ PACKAGE = REPO / "src" / "purer_mlops"
 DOMAIN = {"data", "models", "teachers", "meta", "serve"}
 ABOVE_DOMAIN = {"tracking", "stages", "cli"}
 # Used by every layer and using none of the drawn rooms: not drawn, checked instead.
-INFRASTRUCTURE = {"errors", "fileio", "paths", "distributed", "interrupts", "compiling", "lanes"}
+INFRASTRUCTURE = {"errors", "fileio", "paths", "distributed", "interrupts", "compiling", "lanes", "children"}
 ENTRY = {"__main__", "__init__"}  # `python -m purer_mlops` and the package's own __init__
 
 

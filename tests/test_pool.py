@@ -198,7 +198,7 @@ def test_import_refuses_malicious_pickle_without_running_it(tmp_path: Path, writ
             pickle.dump(state, f)
     manifest = write_manifest(tmp_path / "m.json", [entry("t.pt")])
     with pytest.raises(UserError, match="not a plain PyTorch state dict.*Unsupported"):
-        import_pool(src, manifest, tmp_path / "out")
+        import_pool(src, manifest, tmp_path / "out", root=tmp_path)
     assert not target.exists()
     assert not (tmp_path / "out").exists()
 
@@ -212,7 +212,7 @@ def test_import_names_the_tensor_that_does_not_fit(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.json", [entry("t.pth")])
     with pytest.raises(UserError, match=r"'features.body.4.weight' has shape \(32, 16, 3, 3\).*"
                                         r"expects \(32, 32, 3, 3\)"):
-        import_pool(src, manifest, tmp_path / "out")
+        import_pool(src, manifest, tmp_path / "out", root=tmp_path)
 
 
 def test_import_refuses_file_outside_source(tmp_path: Path) -> None:
@@ -221,7 +221,7 @@ def test_import_refuses_file_outside_source(tmp_path: Path) -> None:
     torch.save(trained_model("conv4").state_dict(), tmp_path / "t.pt")
     manifest = write_manifest(tmp_path / "m.json", [entry("../t.pt")])
     with pytest.raises(UserError, match="inside"):
-        import_pool(src, manifest, tmp_path / "out")
+        import_pool(src, manifest, tmp_path / "out", root=tmp_path)
 
 
 def test_import_good_checkpoint_resolves_class_ids_and_loads(tmp_path: Path) -> None:

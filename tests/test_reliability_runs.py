@@ -38,7 +38,7 @@ from conftest import (
     write_yaml,
 )
 
-from purer_mlops.meta import metatest
+from purer_mlops.meta.scoring import fixed_test_tasks
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.paths import Project
 
@@ -280,7 +280,7 @@ def test_a_project_where_the_lock_cannot_be_made_is_one_line(project: Path) -> N
 
 def test_adapt_into_a_folder_it_cannot_write_is_one_line(project: Path, tmp_path: Path) -> None:
     params = tiny_params()
-    test, tasks = metatest.fixed_test_tasks(params, Project(project), 1)
+    test, tasks = fixed_test_tasks(params, Project(project), 1)
     support, query = lay_out_task(test, tasks[0], tmp_path / "task")
     blocker = tmp_path / "results.txt"  # a file where the output's folder should be
     blocker.write_text("keep")

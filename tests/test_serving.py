@@ -22,7 +22,7 @@ import pytest
 from conftest import adapt_params, lay_out_task
 from PIL import Image
 
-from purer_mlops.meta import metatest
+from purer_mlops.meta.scoring import fixed_test_tasks
 from purer_mlops.paths import Project
 from purer_mlops.serve import pyfunc
 from purer_mlops.serve.adapt import load_meta_model
@@ -38,7 +38,7 @@ def served(adapt_project: Path) -> pyfunc.MetaModelPyfunc:
 @pytest.fixture(scope="module")
 def task_folder(adapt_project: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     params = adapt_params(num_sup_test=1, episode_test=1)
-    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project), 1)
+    test, tasks = fixed_test_tasks(params, Project(adapt_project), 1)
     return lay_out_task(test, tasks[0], tmp_path_factory.mktemp("served_task"))
 
 

@@ -28,9 +28,9 @@ from ..config.derived import fingerprint_knobs
 from ..errors import UserError
 from ..fileio import OutputFolder, write_bytes, write_json
 from ..models.backbones import ARCHITECTURES, Classifier, build_backbone
-from ..models.pool import MAX_IMAGE_SIZE
+from ..models.learners import LEARNERS
+from ..models.pool_storage import MAX_IMAGE_SIZE
 from ..paths import ModelDir
-from .learners import LEARNERS
 
 HISTORY_FOLDER = OutputFolder("a folder of validated models (iter_*.safetensors, iter_*.json)",
                               r"iter_\d+\.(safetensors|json)")

@@ -18,7 +18,7 @@ Checkpoints are read with ``torch.load(weights_only=True)`` only: a file that ne
 arbitrary unpickling (code execution) is refused, never run. A state dict may be nested
 under ``state_dict`` or ``model`` and may carry DataParallel's ``module.`` prefix. Its names
 may be ours or the reference code's (:mod:`.reference_checkpoints` renames them). It must fit its
-architecture exactly (:func:`..models.pool.model_from_state_dict`).
+architecture exactly (:func:`..models.pool_storage.model_from_state_dict`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ ResNet10 / ResNet18 (``ResNet`` of ``SimpleBlock``)
 
 :func:`detect` says which layout a state dict has; :func:`to_ours` checks that every name the
 reference writes is there (and that the two copies of a conv4 tensor agree) and returns the
-state dict under our names, for :func:`..models.pool.model_from_state_dict`.
+state dict under our names, for :func:`..models.pool_storage.model_from_state_dict`.
 """
 
 from __future__ import annotations
