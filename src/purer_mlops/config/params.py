@@ -31,7 +31,8 @@ from .knobs import (
 
 BACKBONES = ("conv4", "resnet10", "resnet18", "resnet12")
 META_LEARNERS = ("maml", "anil", "protonet")
-METHODS = ("random", "average", "ei", "purer", "purer+icfil", "oracle")
+METHODS = ("random", "average", "ei", "purer", "purer+icfil", "oracle", "teacher-best", "teacher-mean",
+           "teachers-ensemble")
 TRAIN, TEST = (METATRAIN,), (METATRAIN, METATEST)  # meta-val tasks are shaped like meta-test ones
 
 

@@ -1,9 +1,11 @@
 """Stage ``metatest``: the selected meta-model on ``episode_test`` fixed, seeded real tasks.
 
 Reports the mean accuracy with its 95% interval (1.96·std/√n), the per-task accuracies (for
-paired comparisons between methods that share the tasks), optionally the same tasks with
-ICFIL and the paired gain, and, clearly labelled, the reference code's optimistic protocol:
-the best *test* accuracy over all validated checkpoints.
+paired comparisons between methods that share the tasks), the second head beside the
+test-time adaptation (nearest prototype on the meta-model's embedding, :mod:`.heads`; so one
+sees whether a weakness is in the features or in the adaptation), optionally the same tasks
+with ICFIL and the paired gain, and, clearly labelled, the reference code's optimistic
+protocol: the best *test* accuracy over all validated checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..paths import Project
 from ..tracking import Tracker
 from .checkpoint import load_model
 from .evaluation import mean_ci95, task_accuracies
+from .heads import FORM, prototype_accuracies
 from .icfil import ICFIL
 from .learners import build_learner
 
@@ -96,9 +99,14 @@ def run(params: Params, project: Project, *, progress: bool = True, tracker: Tra
     reference = reference_protocol(params, project, test, tasks, device)
     if reference:
         metrics["reference_protocol"] = reference
+    proto = prototype_accuracies(model, test, tasks)  # after the adaptation head, which it leaves as it was
+    metrics["prototype"] = {**summary(proto), "form": FORM, "vs_adaptation": paired(proto, accs)}
+    columns["accuracy_prototype"] = proto.tolist()
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_csv(out / "per_task.csv", columns)
     write_json(out / "metrics.json", metrics)
-    tracker.log_metrics({"test_accuracy": metrics["accuracy"], "test_ci95": metrics["ci95"]})
+    tracker.log_metrics({"test_accuracy": metrics["accuracy"], "test_ci95": metrics["ci95"],
+                         "test_prototype_accuracy": metrics["prototype"]["accuracy"],
+                         "test_prototype_ci95": metrics["prototype"]["ci95"]})
     tracker.log_artifact(out / "metrics.json")
     return metrics
