@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import vmap
 
 from ..data.dataset import ImageSet, TaskIndices
+from ..models.backbones import fast_forward
 from .learners import prototype_logits, prototypes
 from .tasks import stack_tasks
 
@@ -61,8 +62,13 @@ def head_logits(zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor, way: int, 
 
 def task_probs(embed: TaskEmbed, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, way: int,
                form: str = FORM) -> torch.Tensor:
-    """Class probabilities (T, Q, way) of the head on T tasks: xs (T, S, 3, H, W), ys (T, S), xq (T, Q, 3, H, W)."""
-    logits = vmap(head_logits, in_dims=(0, 0, 0, None, None))(embed(xs), ys, embed(xq), way, form)
+    """Class probabilities (T, Q, way) of the head on T tasks: xs (T, S, 3, H, W), ys (T, S), xq (T, Q, 3, H, W).
+
+    The embeddings run the fast forward (the same function; it halves the meta-model's cost on CPU).
+    """
+    with fast_forward():
+        zs, zq = embed(xs), embed(xq)
+    logits = vmap(head_logits, in_dims=(0, 0, 0, None, None))(zs, ys, zq, way, form)
     return logits.softmax(-1)
 
 
