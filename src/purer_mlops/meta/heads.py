@@ -30,7 +30,7 @@ from .tasks import stack_tasks
 TaskEmbed = Callable[[torch.Tensor], torch.Tensor]
 
 FORMS = ("cosine", "euclidean")
-FORM = "cosine"  # chosen on meta-val: docs/compare.md, "Nearest-prototype heads"
+FORM = "cosine"  # chosen on meta-val: docs/compare.md, "Nearest-prototype heads and the teacher rows"
 SCALE = 10.0  # inverse temperature of the cosine form (matters for ensembles only: argmax ignores it)
 
 
