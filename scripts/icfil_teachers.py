@@ -25,47 +25,34 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from icfil_search import _fmt, calibration_of, merged, write_rows
 
 from purer_mlops.config.loading import load_params
 from purer_mlops.data.dataset import fixed_tasks, load_split
 from purer_mlops.fileio import write_text
+from purer_mlops.meta.baselines import space_blocker, teacher_accuracies
 from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.evaluation import task_accuracies
+from purer_mlops.meta.heads import ensemble_probs, frozen_embed
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.icfil_synthesis import Synthesis
 from purer_mlops.meta.scoring import paired, score, summary
-from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.models.learners import build_learner
 from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
 
-SCALE = 10.0  # inverse temperature of the cosine prototype classifier
-
-
-def teacher_probs(teachers: list[torch.nn.Module], xs: torch.Tensor, x: torch.Tensor, way: int) -> torch.Tensor:
-    """Mean over teachers of softmax(SCALE · cos(embedding of x, support prototypes)): (B, way).
-
-    xs (way·shot, 3, S, S) in class order; x (B, 3, S, S).
-    """
-    out = x.new_zeros(len(x), way)
-    for t in teachers:
-        z = F.normalize(t.features(torch.cat([xs, x])), dim=-1)
-        protos = F.normalize(z[:len(xs)].view(way, -1, z.shape[1]).mean(1), dim=-1)
-        out = out + (SCALE * z[len(xs):] @ protos.T).softmax(1)
-    return out / len(teachers)
-
 
 class TeacherICFIL(ICFIL):
-    """ICFIL whose pseudo images are fitted to the teachers' soft labels."""
+    """ICFIL whose pseudo images are fitted to the teachers' soft labels: the mean over the pool of
+    their cosine nearest-prototype probabilities (purer_mlops.meta.heads), prototypes from the support."""
 
     def __init__(self, *args, teachers: list[torch.nn.Module], **kwargs):
         super().__init__(*args, **kwargs)
-        self.teachers = teachers
+        self.embeds = [frozen_embed(t) for t in teachers]
 
     def pseudo_targets(self, xs: torch.Tensor, x_hat: torch.Tensor, way: int) -> torch.Tensor:
-        return teacher_probs(self.teachers, xs, x_hat, way)
+        ys = torch.arange(way, device=xs.device).repeat_interleave(len(xs) // way)  # xs is in class order
+        return ensemble_probs(self.embeds, xs[None], ys[None], x_hat[None], way, form="cosine")[0]
 
 
 class Mixes(Synthesis):
@@ -80,19 +67,12 @@ class Mixes(Synthesis):
         return lam.to(xs) * xs[cls * shot] + (1 - lam.to(xs)) * xs[other * shot]
 
 
-def embeddings(params, model, teachers, imageset, tasks, shot: int) -> list[dict]:
+def embeddings(params, model, pool, imageset, tasks, shot: int) -> list[dict]:
     """Accuracy rows: each teacher's nearest prototype, their ensemble, the adapted meta-model."""
-    batch = stack_tasks(imageset, tasks, "cpu")
-    rows, ensemble = [], 0
-    with torch.no_grad():
-        for i, t in enumerate(teachers):
-            probs = torch.stack([teacher_probs([t], xs, xq, batch.way)
-                                 for xs, xq in zip(batch.xs, batch.xq, strict=True)])
-            ensemble = ensemble + probs / len(teachers)
-            acc = (probs.argmax(2) == batch.yq).float().mean(1)
-            rows.append({"config": f"teacher_{i:03d} nearest prototype", "shot": shot, **_fmt(summary(acc))})
-    rows.append({"config": "teachers' ensemble", "shot": shot,
-                 **_fmt(summary((ensemble.argmax(2) == batch.yq).float().mean(1)))})
+    each, ensemble = teacher_accuracies(pool, imageset, tasks, form="cosine")
+    rows = [{"config": f"{rec.name} nearest prototype", "shot": shot, **_fmt(summary(acc))}
+            for (rec, _), acc in zip(pool, each, strict=True)]
+    rows.append({"config": "teachers' ensemble", "shot": shot, **_fmt(summary(ensemble))})
     accs = score(params.replace(num_sup_test=shot), model, imageset, tasks, meta_learner=params.meta_learner)
     rows.append({"config": "meta-model (test-time adaptation)", "shot": shot, **_fmt(summary(accs))})
     return rows
@@ -145,15 +125,15 @@ def main() -> None:
     model, _ = load_model(project.meta.best, "cpu")
     imageset = load_split(params.dataset, project.dataset(params.dataset), "meta_val")
     pool = load_pool(project.teachers)
-    space = (imageset.image_size, tuple(imageset.mean), tuple(imageset.std))
-    if any((r.image_size, tuple(r.mean), tuple(r.std)) != space for r, _ in pool):
-        raise SystemExit("the teachers must share the dataset's image size and normalisation")
+    blocker = space_blocker([r for r, _ in pool], imageset)
+    if blocker:
+        raise SystemExit(blocker)
     teachers = [t.eval() for _, t in pool]
     rows = []
     for shot in args.shots:
         tasks = fixed_tasks(imageset, args.tasks, params.way_test, shot, params.num_qur_test, seed=args.seed)
         if args.mode == "embeddings":
-            rows += embeddings(params, model, teachers, imageset, tasks, shot)
+            rows += embeddings(params, model, pool, imageset, tasks, shot)
         else:
             rows += calibrations(params, model, teachers, imageset, tasks, shot, named(args.config), named(args.mixes))
     title = f"meta_val, {args.tasks} fixed tasks (seed {args.seed})"

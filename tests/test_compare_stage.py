@@ -29,12 +29,14 @@ def test_dvc_repro_compare_builds_the_table_from_the_main_pipeline(tmp_path):
 
     rows = json.loads((root / "results/compare/compare.json").read_text())
     cells = {(r["method"], r["shot"]): r for r in rows}
-    assert set(cells) == {(m, s) for m in METHODS for s in (1, 5)}
+    heads = [f"{m}+proto" for m in ("random", "average", "ei", "purer", "oracle")]  # nearest prototype
+    assert set(cells) == {(m, s) for m in [*METHODS, *heads] for s in (1, 5)}
     for r in rows:
         assert r["episodes"] == 10 and 0.0 <= r["accuracy"] <= 100.0 and r["ci95"] >= 0.0
     # The 1-shot PURER row is the main pipeline's model on the same fixed tasks.
     metatest = json.loads((root / "results/metatest/metrics.json").read_text())
     assert cells[("purer", 1)]["accuracy"] == pytest.approx(metatest["accuracy"], abs=1e-9)
+    assert cells[("purer+proto", 1)]["accuracy"] == pytest.approx(metatest["prototype"]["accuracy"], abs=1e-9)
     assert sorted(p.name for p in (root / "models/compare").iterdir()) == [
         "ei-1shot", "ei-5shot", "oracle-1shot", "oracle-5shot", "purer-5shot"]
 

@@ -5,8 +5,11 @@
 - ICFIL on and off on one fixed task: both predict, deterministically, and ICFIL changes the
   prediction;
 - the metatest stage writes accuracy, ci95, episodes and the per-task accuracies;
-- the compare stage scores all six methods at two shots on shared tasks, writes the table,
-  the JSON rows, the paired differences and the bar chart, and reuses what it trained.
+- the metatest stage also scores the nearest-prototype head (metrics.json, per_task.csv, MLflow)
+  and leaves the adaptation head's number as it scores alone;
+- the compare stage scores every method (and every meta-model's prototype head) at two shots
+  on shared tasks, writes the table, the JSON rows, the paired differences and the bar chart,
+  and reuses what it trained.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from conftest import LEARNER_NAMES, copy_project, tiny_params, tiny_raw, write_y
 
 from purer_mlops.errors import UserError
 from purer_mlops.meta import scoring as metatest
+from purer_mlops.meta.checkpoint import load_model
 from purer_mlops.meta.evaluation import mean_ci95
+from purer_mlops.meta.heads import FORM, prototype_accuracies
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.pool import init_meta_model
 from purer_mlops.meta.tasks import stack_tasks
@@ -30,6 +35,7 @@ from purer_mlops.paths import Project
 from purer_mlops.stages import compare
 from purer_mlops.stages import metatest as metatest_stage
 from purer_mlops.stages import metatrain as train
+from purer_mlops.tracking import open_tracker
 
 
 def test_interval_is_1_96_std_over_sqrt_n() -> None:
@@ -69,21 +75,43 @@ def test_icfil_on_and_off_on_one_fixed_task(pool_project: Path, kind: str) -> No
     assert not torch.allclose(calibrated, plain)  # it calibrated something
 
 
-def test_metatest_stage_writes_accuracy_interval_and_per_task(pool_project: Path, tmp_path: Path) -> None:
+def test_metatest_stage_writes_both_heads_interval_and_per_task(pool_project: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
     root = copy_project(pool_project, tmp_path / "root")
     p = tiny_params(episode_test=9, icfil=True, **{"metatest.reference_protocol": True})
     train.run(p, Project(root), progress=False)
-    m = metatest_stage.run(p, Project(root), progress=False)
+    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):  # the store: root/mlflow.db
+        monkeypatch.delenv(name, raising=False)
+    with open_tracker(p.replace(tracking=True), "metatest", root) as tracker:
+        m = metatest_stage.run(p, Project(root), progress=False, tracker=tracker)
     assert m["episodes"] == 9 and 0 <= m["accuracy"] <= 100 and m["ci95"] >= 0
     assert set(m["icfil"]["gain"]) == {"difference", "ci95"}
     assert m["reference_protocol"]["checkpoints"] >= 2
     rows = (root / "results/metatest/per_task.csv").read_text().splitlines()
-    assert rows[0] == "task,accuracy,accuracy_icfil" and len(rows) == 10
+    assert rows[0] == "task,accuracy,accuracy_icfil,accuracy_prototype" and len(rows) == 10
     on_disk = json.loads((root / "results/metatest/metrics.json").read_text())
     assert on_disk["accuracy"] == m["accuracy"]
+    # the adaptation head is the one scored alone; the prototype head is the meta-model's embedding
+    model = load_model(Project(root).meta.best)[0]
+    test, tasks = metatest.fixed_test_tasks(p, Project(root))
+    adapted = metatest.score(p, model, test, tasks, meta_learner=p.meta_learner)
+    assert m["accuracy"] == metatest.summary(adapted)["accuracy"]
+    proto = prototype_accuracies(model, test, tasks)
+    assert on_disk["prototype"] == {**metatest.summary(proto), "form": FORM,
+                                    "vs_adaptation": on_disk["prototype"]["vs_adaptation"]}
+    per_task = [[float(v) for v in r.split(",")] for r in rows[1:]]
+    assert [r[3] for r in per_task] == pytest.approx(proto.tolist(), abs=1e-6)  # the CSV keeps 6 digits
+    diff = 100 * torch.tensor([r[3] - r[1] for r in per_task], dtype=torch.float64)
+    assert on_disk["prototype"]["vs_adaptation"]["difference"] == pytest.approx(diff.mean().item(), abs=1e-3)
+    logged = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(tracker.run_id).data.metrics
+    assert logged["test_prototype_accuracy"] == pytest.approx(m["prototype"]["accuracy"])
+    assert logged["test_accuracy"] == pytest.approx(m["accuracy"])
 
 
-def test_compare_scores_six_methods_at_two_shots_and_reuses_models(pool_project: Path, tmp_path: Path) -> None:
+def test_compare_scores_every_method_and_head_at_two_shots_and_reuses_models(pool_project: Path, tmp_path: Path
+                                                                              ) -> None:
     root = copy_project(pool_project, tmp_path / "root")
     raw = tiny_raw(episode_test=6, episode_train=8, average=True, **{"compare.shots": [1, 2]})
     write_yaml(root, raw)
@@ -91,12 +119,18 @@ def test_compare_scores_six_methods_at_two_shots_and_reuses_models(pool_project:
     train.run(p, Project(root), progress=False)  # the main pipeline's 1-shot PURER, reused by the table
     result = compare.run(p, Project(root), progress=False)
     rows = json.loads((root / "results/compare/compare.json").read_text())
-    assert {(r["method"], r["shot"]) for r in rows} == {(m, s) for m in p.compare.methods for s in (1, 2)}
+    heads = [f"{m}+proto" for m in ("random", "average", "ei", "purer", "oracle")]  # every meta-model's second head
+    assert {(r["method"], r["shot"]) for r in rows} == {(m, s) for m in [*p.compare.methods, *heads] for s in (1, 2)}
     assert all(r["accuracy"] is not None and r["ci95"] is not None and r["episodes"] == 6 for r in rows)
+    notes = {r["method"]: r["note"] for r in rows if r["shot"] == 1 and "note" in r}
+    assert notes["teacher-best"].startswith(("teacher_000, meta-val", "teacher_001, meta-val"))
+    assert notes["teachers-ensemble"].startswith("2 teachers, 2 forward passes per image")
     table = (root / "results/compare/compare.md").read_text()
-    assert "| purer+icfil |" in table and "5-way 2-shot" in table
+    assert "| purer+icfil |" in table and "| purer+proto |" in table and "| teachers-ensemble |" in table
+    assert "5-way 2-shot" in table and "- teacher-best, 2-shot: teacher_00" in table
     assert (root / "results/compare/compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert {(d["a"], d["b"]) for d in result["paired"]} >= {("purer", "random"), ("oracle", "purer")}
+    assert {(d["a"], d["b"]) for d in result["paired"]} >= {("purer", "random"), ("oracle", "purer"),
+                                                            ("purer+proto", "purer"), ("purer", "teacher-best")}
     # 1-shot PURER came from models/meta; EI, oracle and 2-shot PURER were trained here
     trained = sorted(p.name for p in (root / "models/compare").iterdir())
     assert trained == ["ei-1shot", "ei-2shot", "oracle-1shot", "oracle-2shot", "purer-2shot"]

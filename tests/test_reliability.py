@@ -507,7 +507,8 @@ def test_import_refuses_a_pickle_that_would_run_code(tmp_path: Path, where: str)
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"teachers": [{"file": "t.pt", "arch": "conv4", "dataset": "glyphs",
                                                   "classes": list(CLASSES), "class_ids": [0, 1, 2, 3, 4]}]}))
-    assert_user_error(lambda: import_pool(src, manifest, tmp_path / "out", root=tmp_path), "not a plain PyTorch state dict")
+    assert_user_error(lambda: import_pool(src, manifest, tmp_path / "out", root=tmp_path),
+                      "not a plain PyTorch state dict")
     assert not target.exists()  # the side effect did not happen
     assert not (tmp_path / "out").exists()
     torch.load(src / "t.pt", weights_only=False)  # control: the payload is live

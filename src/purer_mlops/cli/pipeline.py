@@ -82,9 +82,10 @@ def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
 
     Reads models/meta/best.*, data/<dataset>/ (meta_test) and params `way_test`, `num_sup_test`,
     `num_qur_test`, `episode_test`, `test_inner_update_num`, `icfil`, `calibration.*`,
-    `metatest.seed`. Writes results/metatest/metrics.json (accuracy, ci95 in percent; ICFIL
-    gain with its paired interval when `icfil` is on; the reference code's best-test-over-
-    checkpoints number, labelled) and results/metatest/per_task.csv.
+    `metatest.seed`. Writes results/metatest/metrics.json (accuracy, ci95 in percent; under
+    `prototype` the second head, nearest prototype on the meta-model's embedding, with its
+    paired difference; ICFIL gain with its paired interval when `icfil` is on; the reference
+    code's best-test-over-checkpoints number, labelled) and results/metatest/per_task.csv.
     """
     from ..stages.metatest import main
 
@@ -94,6 +95,11 @@ def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
 @stage_command
 def compare(project: Project, params_path: Path | None, quiet: bool) -> None:
     """Build the comparison table: `compare.methods` × `compare.shots` on shared test tasks.
+
+    Methods: meta-models (random, average, ei, purer, purer+icfil, oracle; each also with a
+    `<method>+proto` row, nearest prototype on its embedding) and the teachers' embeddings
+    (teacher-best, teacher-mean, teachers-ensemble). Restrict the rows with a params file
+    whose `compare.methods` lists fewer.
 
     Reads models/teachers/, models/meta/ (reused for the matching PURER row), data/<dataset>/
     and the meta-training and meta-testing params. Trains what is missing into

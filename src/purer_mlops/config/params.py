@@ -33,7 +33,8 @@ from .knobs import (
 
 BACKBONES = tuple(ARCHITECTURES)
 META_LEARNERS = tuple(LEARNERS)
-METHODS = ("random", "average", "ei", "purer", "purer+icfil", "oracle")
+METHODS = ("random", "average", "ei", "purer", "purer+icfil", "oracle", "teacher-best", "teacher-mean",
+           "teachers-ensemble")
 TRAIN, TEST = (METATRAIN,), (METATRAIN, METATEST)  # meta-val tasks are shaped like meta-test ones
 
 

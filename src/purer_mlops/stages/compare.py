@@ -4,7 +4,11 @@ Methods (see docs/compare.md): ``random`` (fresh meta-model, adapted by the inne
 ``average`` (the teachers' parameter average; homogeneous pools only), ``ei`` (PURER
 without the curriculum switch), ``purer`` (ECI), ``purer+icfil`` and ``oracle`` (the same
 meta-learner meta-trained on the real meta-train images with the same budget: an upper
-bound, not data-free). Every method is scored on the same tasks, so differences are paired.
+bound, not data-free), and the teachers' own embeddings with a nearest-prototype head
+(``teacher-best``, ``teacher-mean``, ``teachers-ensemble``: :mod:`.meta.baselines`). Every
+meta-model also gets a ``<method>+proto`` row: nearest prototype on its own embedding
+(:mod:`.meta.heads`), its second head. Every method is scored on the same tasks, so
+differences are paired.
 
 Trained models live in ``models/compare/<method>-<shot>shot/`` and are reused when their
 parameters have not changed; the main pipeline's ``models/meta`` is reused for the PURER
@@ -15,13 +19,17 @@ comparison's MLflow run.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
 from ..config import Params
+from ..data.dataset import ImageSet, TaskIndices
 from ..data.registry import DATASETS
 from ..fileio import write_json, write_text
+from ..meta.baselines import TEACHER_METHODS, TeacherRows
 from ..meta.checkpoint import fingerprint, load_model, matching_resume_state
+from ..meta.heads import prototype_accuracies
 from ..meta.pool import init_meta_model, load_teachers
 from ..meta.scoring import fixed_test_tasks, paired, score, summary
 from ..paths import Project
@@ -30,7 +38,16 @@ from . import metatrain as train
 from .compare_report import bar_chart, table_markdown
 
 TRAINED = {"ei": {"eci": False}, "purer": {}, "oracle": {}}
-PAIRS = (("purer", "random"), ("purer", "average"), ("purer", "ei"), ("purer+icfil", "purer"), ("oracle", "purer"))
+PAIRS = (("purer", "random"), ("purer", "average"), ("purer", "ei"), ("purer+icfil", "purer"), ("oracle", "purer"),
+         ("purer", "teacher-best"), ("purer", "teachers-ensemble"), ("teachers-ensemble", "teacher-best"))
+
+
+class Column(NamedTuple):
+    """What every row of one column shares: meta_test, its fixed tasks, the teachers' rows."""
+
+    test: ImageSet
+    tasks: list[TaskIndices]
+    teachers: TeacherRows
 
 
 def shot_params(params: Params, shot: int) -> Params:
@@ -72,25 +89,53 @@ def method_model(method: str, p: Params, project: Project, progress: bool, track
     return trained_model(method.removesuffix("+icfil"), p, project, progress, tracker)
 
 
+def score_method(method: str, p: Params, project: Project, column: Column, progress: bool, tracker: Tracker
+                 ) -> dict[str, torch.Tensor | str]:
+    """The row(s) of ``method``: name → per-task accuracies (T,), or a note when it is n/a.
+
+    A meta-model gives two rows, its test-time adaptation and ``<method>+proto`` (nearest
+    prototype on its embedding).
+    """
+    test, tasks = column.test, column.tasks
+    if method in TEACHER_METHODS:
+        scores = column.teachers.scores()
+        return {method: scores if isinstance(scores, str) else scores.accuracies(method)}
+    model = method_model(method, p, project, progress, tracker)
+    if model is None:
+        return {method: "pool not homogeneous in the meta-model's architecture"}
+    icfil = method.endswith("+icfil")
+    scores = score(p, model, test, tasks, meta_learner=p.meta_learner, icfil=icfil, progress=progress)
+    out: dict[str, torch.Tensor | str] = {method: scores}
+    if not icfil:  # the same model as its plain row: same prototype head
+        out[f"{method}+proto"] = prototype_accuracies(model, test, tasks)
+    return out
+
+
 def score_column(params: Params, shot: int, project: Project, progress: bool, tracker: Tracker
                  ) -> tuple[list[dict], list[dict]]:
-    """Rows (one per method) and paired differences of the ``shot``-shot column."""
+    """Rows (one or two per method) and paired differences of the ``shot``-shot column."""
     p = shot_params(params, shot)
     test, tasks = fixed_test_tasks(p, project, shot)
+    column = Column(test, tasks, TeacherRows(p, project, test, tasks))
     rows, accs = [], {}
     for method in params.compare.methods:
         with tracker.child(f"{method}-{shot}shot", {"method": method, "shot": shot}) as child:
-            model = method_model(method, p, project, progress, child)
-            if model is None:
-                rows.append({"method": method, "shot": shot, "accuracy": None, "ci95": None,
-                             "note": "pool not homogeneous in the meta-model's architecture"})
-                continue
-            accs[method] = score(p, model, test, tasks, meta_learner=p.meta_learner, icfil=method.endswith("+icfil"),
-                                 progress=progress)
-            rows.append({"method": method, "shot": shot, **summary(accs[method])})
-            child.log_metrics({"test_accuracy": rows[-1]["accuracy"], "test_ci95": rows[-1]["ci95"]})
-    diffs = [{"shot": shot, "a": a, "b": b, **paired(accs[a], accs[b])} for a, b in PAIRS if a in accs and b in accs]
+            for name, result in score_method(method, p, project, column, progress, child).items():
+                if isinstance(result, str):
+                    rows.append({"method": name, "shot": shot, "accuracy": None, "ci95": None, "note": result})
+                    continue
+                accs[name] = result
+                rows.append({"method": name, "shot": shot, **summary(result), **teacher_note(name, column.teachers)})
+                key = "test_prototype" if name.endswith("+proto") else "test"
+                child.log_metrics({f"{key}_accuracy": rows[-1]["accuracy"], f"{key}_ci95": rows[-1]["ci95"]})
+    pairs = [*PAIRS, *((f"{m}+proto", m) for m in params.compare.methods)]
+    diffs = [{"shot": shot, "a": a, "b": b, **paired(accs[a], accs[b])} for a, b in pairs if a in accs and b in accs]
     return rows, diffs
+
+
+def teacher_note(method: str, teachers: TeacherRows) -> dict[str, str]:
+    """``{"note": ...}`` for a teacher row (which teacher, its meta-val accuracy); {} otherwise."""
+    return {"note": teachers.scores().note(method)} if method in TEACHER_METHODS else {}
 
 
 def run(params: Params, project: Project, *, progress: bool = True, tracker: Tracker | None = None) -> dict:
@@ -109,6 +154,8 @@ def run(params: Params, project: Project, *, progress: bool = True, tracker: Tra
     md += "| shot | a − b | difference |\n|---|---|---|\n"
     md += "".join(f"| {d['shot']} | {d['a']} − {d['b']} | {d['difference']:+.2f} ± {d['ci95']:.2f} |\n"
                   for d in diffs)
+    notes = [f"- {r['method']}, {r['shot']}-shot: {r['note']}\n" for r in rows if r.get("note")]
+    md += "\nNotes:\n\n" + "".join(notes) if notes else ""
     write_json(out / "compare.json", rows)
     write_json(out / "paired.json", diffs)
     write_text(out / "compare.md", md)

@@ -1,9 +1,11 @@
 """Stage ``metatest``: the selected meta-model on ``episode_test`` fixed, seeded real tasks.
 
 Reports the mean accuracy with its 95% interval (1.96·std/√n), the per-task accuracies (for
-paired comparisons between methods that share the tasks), optionally the same tasks with
-ICFIL and the paired gain, and, clearly labelled, the reference code's optimistic protocol:
-the best *test* accuracy over all validated checkpoints. What the model is (backbone,
+paired comparisons between methods that share the tasks), the second head beside the
+test-time adaptation (nearest prototype on the meta-model's embedding, :mod:`..meta.heads`; so
+one sees whether a weakness is in the features or in the adaptation), optionally the same tasks
+with ICFIL and the paired gain, and, clearly labelled, the reference code's optimistic
+protocol: the best *test* accuracy over all validated checkpoints. What the model is (backbone,
 meta-learner, image size, normalisation) comes from its model card, never from ``params.yaml``.
 """
 
@@ -18,6 +20,7 @@ from ..data.dataset import ImageSet, TaskIndices
 from ..distributed import pick_device
 from ..fileio import write_csv, write_json
 from ..meta.checkpoint import load_model
+from ..meta.heads import FORM, prototype_accuracies
 from ..meta.scoring import fixed_test_tasks, paired, score, summary
 from ..paths import Project
 from ..tracking import Tracker, open_tracker
@@ -58,10 +61,15 @@ def run(params: Params, project: Project, *, progress: bool = True, tracker: Tra
     reference = reference_protocol(params, project, test, tasks, device)
     if reference:
         metrics["reference_protocol"] = reference
+    proto = prototype_accuracies(model, test, tasks)  # after the adaptation head, which it leaves as it was
+    metrics["prototype"] = {**summary(proto), "form": FORM, "vs_adaptation": paired(proto, accs)}
+    columns["accuracy_prototype"] = proto.tolist()
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_csv(out / "per_task.csv", columns)
     write_json(out / "metrics.json", metrics)
-    tracker.log_metrics({"test_accuracy": metrics["accuracy"], "test_ci95": metrics["ci95"]})
+    tracker.log_metrics({"test_accuracy": metrics["accuracy"], "test_ci95": metrics["ci95"],
+                         "test_prototype_accuracy": metrics["prototype"]["accuracy"],
+                         "test_prototype_ci95": metrics["prototype"]["ci95"]})
     tracker.log_artifact(out / "metrics.json")
     return metrics
 
