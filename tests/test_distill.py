@@ -85,7 +85,7 @@ def test_weight_zero_is_purer_bit_for_bit(pool_project: Path, tmp_path: Path) ->
         assert torch.equal(a, b), k
     assert torch.equal(base.bank.images, off.bank.images)
     assert base.history == off.history
-    on = _steps(tiny_params(**{**knobs, "distill.weight": 1.0}), root)
+    on = _steps(tiny_params(**{**knobs, "distill.weight": 1.0, "distill.teachers": 1}), root)
     assert not torch.equal(base.model.features.body[0].weight, on.model.features.body[0].weight)
 
 
@@ -98,10 +98,11 @@ def test_distillation_reaches_the_embedding_and_lowers_its_loss(pool_project: Pa
     trainer = build_trainer(tiny_params(**knobs), Project(root))
     d = trainer.distiller
     x, labels = d.batch(trainer.bank.images.detach())
+    everyone = list(range(len(d.teachers)))
 
     def loss() -> float:
         with torch.no_grad():
-            return float(d.loss(trainer.model.features(x), d.targets(x), labels))
+            return float(d.loss(trainer.model.features(x), d.targets(x, everyone), labels, everyone))
 
     before, weights = loss(), {k: v.detach().clone() for k, v in trainer.weights().items()}
     rows = [trainer.step() for _ in range(15)]

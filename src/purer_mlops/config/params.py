@@ -116,6 +116,8 @@ class DistillParams:
     classes: int = knob(16, "bank classes per distillation batch", *TRAIN, ge=2)
     per_class: int = knob(4, "bank images per class of a distillation batch (at most `synthesis_per_class`)",
                           *TRAIN, ge=1)
+    teachers: int = knob(0, "teachers whose embeddings a distillation batch uses, drawn at random each "
+                         "meta-iteration (0: all); fewer is cheaper", *TRAIN, ge=0)
     shift: float = knob(2.0, "random shift of each distilled view, in pixels each way (sub-pixel, bilinear)",
                         *TRAIN, ge=0.0)
     noise: float = knob(0.1, "std of the Gaussian noise added to each distilled view", *TRAIN, ge=0.0)

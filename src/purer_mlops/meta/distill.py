@@ -5,8 +5,8 @@ few-shot learner than PURER's meta-model (docs/distillation.md): the transferabl
 in the teachers' features, which PURER passes on only through pseudo tasks. Here, at every
 meta-iteration, a batch of the bank's pseudo images (``classes`` bank classes × ``per_class``
 images, each seen through a random view: sub-pixel shift, Gaussian noise, mixing with another
-image of the batch) goes through every teacher (frozen, eval mode) and through the
-meta-model's ``features`` (B, D), and
+image of the batch) goes through the teachers (frozen, eval mode; all, or ``teachers`` of them
+drawn at random, the cheaper) and through the meta-model's ``features`` (B, D), and
 
     L_distill = feature · L_feat + relation · L_rel + soft · L_soft
 
@@ -149,16 +149,24 @@ class Distiller:
         x = bank[rows.unsqueeze(1).to(bank.device), cols.to(bank.device)].reshape(k * m, *bank.shape[2:])
         return augment(x.detach(), self.cfg, self.gen), torch.arange(k, device=bank.device).repeat_interleave(m)
 
-    def targets(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each teacher's embedding (B, D_i) of x (B, 3, S, S), eval mode, no graph."""
-        with torch.no_grad():
-            return [t.features(x) for t in self.teachers]
+    def chosen(self) -> list[int]:
+        """The teachers of this batch: all, or ``teachers`` of them at random."""
+        n, k = len(self.teachers), self.cfg.teachers
+        return torch.randperm(n, generator=self.gen)[:k].sort().values.tolist() if 0 < k < n else list(range(n))
 
-    def loss(self, z: torch.Tensor, targets: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """The weighted sum (0-dim) of the terms whose weight is positive; records each in ``last``."""
+    def targets(self, x: torch.Tensor, chosen: list[int]) -> list[torch.Tensor]:
+        """The ``chosen`` teachers' embeddings (B, D_i) of x (B, 3, S, S), eval mode, no graph."""
+        with torch.no_grad():
+            return [self.teachers[i].features(x) for i in chosen]
+
+    def loss(self, z: torch.Tensor, targets: list[torch.Tensor], labels: torch.Tensor,
+             chosen: list[int]) -> torch.Tensor:
+        """The weighted sum (0-dim) of the terms whose weight is positive; records each in ``last``.
+        ``targets`` are the embeddings of the ``chosen`` teachers (their projections are used)."""
         cfg, parts = self.cfg, {}
         if cfg.feature > 0:
-            parts["feature"] = (cfg.feature, cosine_regression(z, targets, list(self.projections)))
+            projections = [self.projections[i] for i in chosen]
+            parts["feature"] = (cfg.feature, cosine_regression(z, targets, projections))
         if cfg.relation > 0:
             parts["relation"] = (cfg.relation, relation_loss(z, targets))
         if cfg.soft > 0:
@@ -170,10 +178,11 @@ class Distiller:
         """``weight`` × the gradient of the loss w.r.t. ``params`` (the meta-model's weights, each
         tensor as it is); steps the projections on their own gradient."""
         x, labels = self.batch(bank)
+        chosen = self.chosen()
         with fast_forward(self.fast):
             z = embed(x)
-        loss = self.loss(z, self.targets(x), labels)
-        proj = list(self.projections) if self.cfg.feature > 0 else []
+        loss = self.loss(z, self.targets(x, chosen), labels, chosen)
+        proj = [self.projections[i] for i in chosen] if self.cfg.feature > 0 else []
         grads = torch.autograd.grad(loss, params + proj, allow_unused=True, materialize_grads=True)
         if proj:
             self.opt.zero_grad(set_to_none=False)
