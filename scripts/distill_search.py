@@ -65,6 +65,17 @@ def run_one(name: str, knobs: dict, args) -> dict:
             "knobs": json.dumps(knobs, sort_keys=True)}
 
 
+def table(out: Path) -> None:
+    """``<out>/search.md``: the rows of ``<out>/search.csv`` as a markdown table."""
+    with (out / "search.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    lines = ["| setting | seed | iterations | own head % | nearest prototype % | s / iteration | knobs |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['seed']} | {r['iterations']} | {r['own']} ± {r['own_ci95']} | "
+              f"{r['proto']} ± {r['proto_ci95']} | {r['seconds_per_iteration']} | `{r['knobs']}` |" for r in rows]
+    (out / "search.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--project", type=Path, required=True, help="project holding data/ and models/teachers")
@@ -73,9 +84,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", type=int, default=200)
     ap.add_argument("--task-seed", type=int, default=0)
-    ap.add_argument("--config", nargs="+", required=True, help="'name={overrides as JSON}'")
+    ap.add_argument("--config", nargs="*", default=[], help="'name={overrides as JSON}'")
+    ap.add_argument("--table", action="store_true", help="only write <out>/search.md from <out>/search.csv")
     ap.add_argument("--out", type=Path, default=Path("results/distill"))
     args = ap.parse_args()
+    if args.table:
+        table(args.out)
+        return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "search.csv"

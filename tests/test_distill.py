@@ -123,3 +123,16 @@ def test_best_teacher_start_loads_the_teacher_best_on_meta_val(pool_project: Pat
     # the same scores again, from the model as it is now (it holds the chosen teacher)
     again = teacher_scores(trainer.model, trainer.pool, trainer.val, trainer.val_tasks)
     assert again == pytest.approx(scores)
+
+
+def test_bn_groups_embed_each_group_with_its_own_statistics(pool_project: Path, tmp_path: Path) -> None:
+    root = copy_project(pool_project, tmp_path / "p")
+    trainer = build_trainer(tiny_params(**{"distill.weight": 1.0, "distill.bn_group": 2, "distill.classes": 4,
+                                           "distill.per_class": 2}), Project(root))
+    d, features = trainer.distiller, trainer.model.features
+    x, labels = d.batch(trainer.bank.images.detach())  # classes 0,0,1,1,2,2,3,3
+    with torch.no_grad():
+        z = d.embed(features, x, 4)
+        expected = torch.cat([features(x[[0, 2]]), features(x[[4, 6]]), features(x[[1, 3]]), features(x[[5, 7]])])
+    torch.testing.assert_close(z, expected[[0, 4, 1, 5, 2, 6, 3, 7]])
+    assert not torch.allclose(z, features(x).detach())

@@ -118,6 +118,9 @@ class DistillParams:
                           *TRAIN, ge=1)
     teachers: int = knob(0, "teachers whose embeddings a distillation batch uses, drawn at random each "
                          "meta-iteration (0: all); fewer is cheaper", *TRAIN, ge=0)
+    bn_group: int = knob(0, "images per batch of the meta-model's batch-statistics BatchNorm in the distillation "
+                         "forward, one per class (5: like a 5-way 1-shot support at test time; 0: the whole "
+                         "batch)", *TRAIN, ge=0)
     shift: float = knob(2.0, "random shift of each distilled view, in pixels each way (sub-pixel, bilinear)",
                         *TRAIN, ge=0.0)
     noise: float = knob(0.1, "std of the Gaussian noise added to each distilled view", *TRAIN, ge=0.0)

@@ -174,13 +174,26 @@ class Distiller:
         self.last = {k: float(v.detach()) for k, (_, v) in parts.items()}
         return sum((w * v for w, v in parts.values()), z.new_zeros(()))
 
+    def embed(self, embed: Embed, x: torch.Tensor, classes: int) -> torch.Tensor:
+        """The student's embeddings (B, D) of the batch x (B, 3, S, S) (``classes`` classes, class-major).
+
+        With ``bn_group`` > 0 the meta-model's batch-statistics BatchNorm sees groups of that many
+        images, one per class as far as possible (a 1-shot support is such a group), as at test time.
+        """
+        g = self.cfg.bn_group
+        if g <= 0 or g >= len(x):
+            return embed(x)
+        order = torch.arange(len(x), device=x.device).view(classes, -1).T.flatten()  # class-minor
+        z = torch.cat([embed(x[chunk]) for chunk in order.split(g)])
+        return z[torch.argsort(order)]
+
     def gradients(self, embed: Embed, params: list[torch.Tensor], bank: torch.Tensor) -> list[torch.Tensor]:
         """``weight`` × the gradient of the loss w.r.t. ``params`` (the meta-model's weights, each
         tensor as it is); steps the projections on their own gradient."""
         x, labels = self.batch(bank)
         chosen = self.chosen()
         with fast_forward(self.fast):
-            z = embed(x)
+            z = self.embed(embed, x, int(labels[-1]) + 1)
         loss = self.loss(z, self.targets(x, chosen), labels, chosen)
         proj = [self.projections[i] for i in chosen] if self.cfg.feature > 0 else []
         grads = torch.autograd.grad(loss, params + proj, allow_unused=True, materialize_grads=True)
