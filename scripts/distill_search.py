@@ -65,14 +65,25 @@ def run_one(name: str, knobs: dict, args) -> dict:
             "knobs": json.dumps(knobs, sort_keys=True)}
 
 
-def table(out: Path) -> None:
-    """``<out>/search.md``: the rows of ``<out>/search.csv`` as a markdown table."""
+def paired_gap(out: Path, row: dict, ref: str) -> str:
+    """Nearest-prototype accuracy of ``row`` minus ``ref``'s (same seed), paired over the tasks: 'd ± ci95'."""
+    mine, theirs = out / "tasks" / f"{row['name']}_s{row['seed']}.pt", out / "tasks" / f"{ref}_s{row['seed']}.pt"
+    if not (mine.is_file() and theirs.is_file()):
+        return ""
+    d, ci = mean_ci95(100 * (torch.load(mine)["proto"] - torch.load(theirs)["proto"]))
+    return f"{d:+.2f} ± {ci:.2f}"
+
+
+def table(out: Path, ref: str) -> None:
+    """``<out>/search.md``: the rows of ``<out>/search.csv`` as a markdown table, with the paired
+    nearest-prototype difference to the ``ref`` setting."""
     with (out / "search.csv").open() as f:
         rows = list(csv.DictReader(f))
-    lines = ["| setting | seed | iterations | own head % | nearest prototype % | s / iteration | knobs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| setting | seed | iterations | own head % | nearest prototype % | proto − {ref} (paired) "
+             "| s / iteration | knobs |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['seed']} | {r['iterations']} | {r['own']} ± {r['own_ci95']} | "
-              f"{r['proto']} ± {r['proto_ci95']} | {r['seconds_per_iteration']} | `{r['knobs']}` |" for r in rows]
+              f"{r['proto']} ± {r['proto_ci95']} | {paired_gap(out, r, ref)} | {r['seconds_per_iteration']} | "
+              f"`{r['knobs']}` |" for r in rows]
     (out / "search.md").write_text("\n".join(lines) + "\n")
 
 
@@ -86,10 +97,11 @@ def main() -> None:
     ap.add_argument("--task-seed", type=int, default=0)
     ap.add_argument("--config", nargs="*", default=[], help="'name={overrides as JSON}'")
     ap.add_argument("--table", action="store_true", help="only write <out>/search.md from <out>/search.csv")
+    ap.add_argument("--reference", default="teacher-best-start", help="setting the table's paired column is against")
     ap.add_argument("--out", type=Path, default=Path("results/distill"))
     args = ap.parse_args()
     if args.table:
-        table(args.out)
+        table(args.out, args.reference)
         return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
