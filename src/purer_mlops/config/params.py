@@ -104,6 +104,39 @@ class MetatrainParams:
 
 
 @dataclass(frozen=True)
+class DistillParams:
+    """Data-free embedding distillation during meta-training (docs/distillation.md)."""
+
+    weight: float = knob(0.0, "weight of the distillation loss added to the meta loss (0: the paper's PURER, "
+                         "bit for bit)", *TRAIN, ge=0.0)
+    feature: float = knob(1.0, "weight of the feature-regression term: cosine between each teacher's embedding "
+                          "and a learned linear projection of the meta-model's", *TRAIN, ge=0.0)
+    relation: float = knob(0.0, "weight of the relational term: the meta-model's cosine-similarity matrix over "
+                           "the batch against the teachers' mean one", *TRAIN, ge=0.0)
+    soft: float = knob(0.0, "weight of the soft-label term: KL from the teachers' mean nearest-prototype "
+                       "probabilities over the batch's classes to the meta-model's", *TRAIN, ge=0.0)
+    temperature: float = knob(0.1, "temperature of the soft-label term's cosine softmax", *TRAIN, gt=0.0)
+    classes: int = knob(16, "bank classes per distillation batch", *TRAIN, ge=2)
+    per_class: int = knob(4, "bank images per class of a distillation batch (at most `synthesis_per_class`)",
+                          *TRAIN, ge=1)
+    teachers: int = knob(0, "teachers whose embeddings a distillation batch uses, drawn at random each "
+                         "meta-iteration (0: all); fewer is cheaper", *TRAIN, ge=0)
+    bn_group: int = knob(0, "images per batch of the meta-model's batch-statistics BatchNorm in the distillation "
+                         "forward, one per class (5: like a 5-way 1-shot support at test time; 0: the whole "
+                         "batch)", *TRAIN, ge=0)
+    shift: float = knob(2.0, "random shift of each distilled view, in pixels each way (sub-pixel, bilinear)",
+                        *TRAIN, ge=0.0)
+    noise: float = knob(0.1, "std of the Gaussian noise added to each distilled view", *TRAIN, ge=0.0)
+    mix: float = knob(0.0, "largest share of another bank image mixed into a view (0: no mixing)", *TRAIN,
+                      ge=0.0, le=0.5)
+    projection_lr: float = knob(0.001, "Adam learning rate of the per-teacher projections of the feature term",
+                                *TRAIN, gt=0.0)
+    start: str = knob("pool", "the meta-model's start: `pool` (as `average` says: the teachers' average or a "
+                      "fresh initialisation) or `best_teacher` (the teacher whose embedding is the best "
+                      "nearest-prototype classifier on the meta-val tasks)", *TRAIN, choices=("pool", "best_teacher"))
+
+
+@dataclass(frozen=True)
 class MetatestParams:
     """Meta-testing (stage ``metatest``)."""
 
@@ -229,6 +262,7 @@ class Params:
     pretrain: PretrainParams = section(PretrainParams, POOL)
     inversion: InversionParams = section(InversionParams, TRAINING)
     metatrain: MetatrainParams = section(MetatrainParams, TRAINING)
+    distill: DistillParams = section(DistillParams, TRAINING)
     metatest: MetatestParams = section(MetatestParams, TESTING)
     calibration: CalibrationParams = section(CalibrationParams, TESTING)
     compare: CompareParams = section(CompareParams, TESTING)

@@ -31,9 +31,11 @@ from ..errors import UserError
 from ..lanes import ONE, Lanes
 from ..models.learners import Weights, build_learner
 from .curriculum import Curriculum
+from .distill import Distiller
 from .evaluation import mean_ci95, task_accuracies
 from .inversion import TERMS, Bank, InversionLoss, random_shift
 from .pool import Pool, init_meta_model
+from .start import best_teacher_start
 from .tasks import TaskBatch, sample_pseudo_tasks, sample_real_tasks
 
 TRAIN_COLUMNS = ("iteration", "meta_loss", "pseudo_accuracy", "inversion_loss", *TERMS, "adversarial")
@@ -106,7 +108,12 @@ class MetaTrainer:
         self.info = DATASETS[params.dataset]
         self.val_tasks = fixed_tasks(val, params.metatrain.val_episodes, params.way_test,
                                      params.num_sup_test, params.num_qur_test, seed=params.seed + 1)
-        self.model = init_meta_model(params, pool, self.info.image_size).to(device)
+        self.model = init_meta_model(params, pool, self.info.image_size)
+        self.start_teacher = None  # with distill.start: best_teacher, (its index, every teacher's meta-val score)
+        if params.distill.start == "best_teacher":
+            self.start_teacher = best_teacher_start(self.model, pool, params.backbone, val, self.val_tasks,
+                                                    fast=self.fast, lanes=lanes)
+        self.model = self.model.to(device)
         self.learner = build_learner(params.meta_learner, self.model, params.inner_update_num,
                                      params.inner_lr, first_order=params.approx, fast=self.fast)
         self.tester = build_learner(params.meta_learner, self.model, params.test_inner_update_num,
@@ -114,6 +121,11 @@ class MetaTrainer:
         self.learners = self.learner.replicas(lanes.count)  # one per lane
         self.gen = torch.Generator().manual_seed(params.seed)
         self.bank = None if real is not None else self._make_bank()
+        self.distiller = None  # weight 0: the paper's PURER, untouched
+        if self.bank is not None and params.distill.weight > 0:
+            space = (self.info.image_size, tuple(self.info.mean), tuple(self.info.std))
+            self.distiller = Distiller(params.distill, pool.teachers, space, self.model.features.out_dim,
+                                       params.seed, fast=self.fast).to(device)
         self.meta_opt = adam(self.model.parameters(), params.outer_lr, self.fast)
         self.curriculum = Curriculum(params.adv_start, params.patience, enabled=params.eci and real is None)
         self.iteration = 0
@@ -226,6 +238,10 @@ class MetaTrainer:
         parts = self.lanes.map(lambda lane, mine: self._meta_share(
             lane, tasks.select(share[mine.start:mine.stop]), weights), len(share))
         grads = [joined(per_weight) for per_weight in zip(*(p[0] for p in parts), strict=True)]
+        if self.distiller is not None:  # the teachers' embeddings, on views of the bank (meta/distill.py)
+            extra = self.distiller.gradients(lambda x: self.learner.embed(weights, x), list(weights.values()),
+                                             self.bank.images.detach())
+            grads = [g + d for g, d in zip(grads, extra, strict=True)]
         stats = joined([p[1] for p in parts])
         self.ranks.sum_(*grads, stats)
         finite = (torch.isfinite(stats).all() & torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -266,6 +282,8 @@ class MetaTrainer:
             "generator": self.gen.get_state(), "history": self.history, "val_history": self.val_history,
             "best": self.best, "skipped": self.skipped,
         }
+        if self.distiller is not None:
+            state["distill"] = self.distiller.state_dict()
         if self.bank is not None:
             state.update(bank=self.bank.images.detach().cpu(), bank_opt=self.bank_opt.state_dict())
         return state
@@ -278,6 +296,8 @@ class MetaTrainer:
         self.gen.set_state(state["generator"])
         self.history, self.val_history = state["history"], state["val_history"]
         self.best, self.skipped = state["best"], state["skipped"]
+        if self.distiller is not None:
+            self.distiller.load_state_dict(state["distill"])
         if self.bank is not None:
             with torch.no_grad():
                 self.bank.images.copy_(state["bank"].to(self.device))
