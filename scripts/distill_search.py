@@ -25,9 +25,9 @@ import torch
 from purer_mlops.config.loading import load_params
 from purer_mlops.data.dataset import fixed_tasks, load_split
 from purer_mlops.meta.evaluation import mean_ci95, task_accuracies
-from purer_mlops.meta.learners import build_learner
-from purer_mlops.meta.train import build_trainer
+from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 COLUMNS = ("name", "seed", "iterations", "own", "own_ci95", "proto", "proto_ci95", "train_seconds",
            "seconds_per_iteration", "start_teacher", "distill_last", "knobs")

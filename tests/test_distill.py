@@ -24,8 +24,8 @@ from purer_mlops.meta.distill import (
     soft_label_loss,
 )
 from purer_mlops.meta.start import teacher_scores
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 
 def _z(*shape: int, seed: int) -> torch.Tensor:

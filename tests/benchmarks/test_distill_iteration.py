@@ -19,8 +19,8 @@ import pytest
 from test_meta_iteration import _fake_dataset, _pool
 
 from purer_mlops.config import from_dict
-from purer_mlops.meta.train import build_trainer
 from purer_mlops.paths import Project
+from purer_mlops.stages.metatrain import build_trainer
 
 MODES = {
     "purer": {},

@@ -19,8 +19,8 @@ from ..errors import UserError
 from ..lanes import ONE, Lanes
 from ..models.averaging import average_into
 from ..models.backbones import Classifier
+from ..models.learners import build_learner
 from .evaluation import task_accuracies
-from .learners import build_learner
 from .pool import Pool
 
 
