@@ -37,9 +37,9 @@ def test_terms_gradients_match_finite_differences_in_float64() -> None:
     targets = [_z(8, 5, seed=1), _z(8, 6, seed=2)]
     projections = [_z(5, 6, seed=3).requires_grad_(), _z(6, 6, seed=4).requires_grad_()]
     labels = torch.arange(4).repeat_interleave(2)
-    torch.autograd.gradcheck(lambda a, p, q: cosine_regression(a, targets, [p, q]), (z, *projections))
-    torch.autograd.gradcheck(lambda a: relation_loss(a, targets), (z,))
-    torch.autograd.gradcheck(lambda a: soft_label_loss(a, targets, labels, 4, 0.5), (z,))
+    assert torch.autograd.gradcheck(lambda a, p, q: cosine_regression(a, targets, [p, q]), (z, *projections))
+    assert torch.autograd.gradcheck(lambda a: relation_loss(a, targets), (z,))
+    assert torch.autograd.gradcheck(lambda a: soft_label_loss(a, targets, labels, 4, 0.5), (z,))
 
 
 def test_terms_vanish_when_the_student_is_the_teacher_and_not_otherwise() -> None:
