@@ -142,8 +142,8 @@ def check_support_classes(task: FewShotTask) -> None:
     itself, and the meta-model would learn both labels for it."""
     seen: dict[str, tuple[int, str]] = {}
     for source, label in zip(task.support, task.support_labels, strict=True):
-        with open(source.path, "rb") if source.path is not None else io.BytesIO(source.data or b"") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+        data = source.path.read_bytes() if source.path is not None else source.data or b""
+        digest = hashlib.sha256(data).hexdigest()
         first = seen.setdefault(digest, (label, source.name))
         if first[0] != label:
             raise UserError(f"the same image is support of two classes, {task.classes[first[0]]} ({first[1]}) and "
