@@ -10,7 +10,7 @@ py=python3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
 
-echo "== benchmarks on CUDA (metatrain.batching plain vs fast, fast with bf16 and compiled; GFLOP/s lines)"
+echo "== benchmarks on CUDA (the plain yardstick vs the fast path, fast with bf16 and compiled; GFLOP/s lines)"
 PURER_BENCH_DEVICE=cuda timeout 330 $py -m pytest tests/benchmarks/test_meta_iteration.py --benchmark-only -o addopts="" -q \
   -p no:cacheprovider --benchmark-group-by=group --benchmark-json="$out/bench_cuda.json" 2>&1 | grep -v "^$" | tail -40
 

@@ -1,8 +1,9 @@
-"""The plain path stays the yardstick: the fast path computes the same mathematics.
+"""The plain path stays the yardstick: the production path computes the same mathematics.
 
 For MAML, ANIL and ProtoNet, with a homogeneous pool (conv4 teachers, folded on the fast path;
 meta-model initialised as their average) and a mixed one (conv4 at 32 px and resnet10 at
-16 px, run as a module), two trainers built from the same seed, one ``fast`` and one ``plain``,
+16 px, run as a module), two trainers built from the same seed, one as production builds it
+(``fast``) and one turned into the yardstick (``plain``: :mod:`purer_mlops.meta.plain_reference`),
 are compared **in float64**, where every equality that holds in mathematics holds to rounding
 (≤ 1e-8 relative):
 
@@ -31,6 +32,7 @@ import torch
 from conftest import LEARNER_NAMES, random_pool, small_glyphs, tiny_params
 
 from purer_mlops.meta.inversion import TERMS
+from purer_mlops.meta.plain_reference import PlainInversionLoss, plain_trainer
 from purer_mlops.meta.tasks import sample_pseudo_tasks
 from purer_mlops.meta.trainer import MetaTrainer
 from purer_mlops.paths import Project
@@ -43,7 +45,6 @@ POOLS = {
     "mixed": [("conv4", 32, (0, 1, 2, 3, 4)), ("conv4", 32, (5, 6, 7, 8, 9)),
               ("resnet10", 16, (0, 2, 4, 6, 8)), ("resnet10", 16, (1, 3, 5, 7, 9))],
 }
-PATHS = {"fast": "fast", "plain": "plain"}
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +77,12 @@ def as_float64(trainer: MetaTrainer) -> MetaTrainer:
 
 
 def trainers(root: Path, kind: str, pool: str, dtype: torch.dtype) -> dict[str, MetaTrainer]:
-    out = {}
-    for name, batching in PATHS.items():
-        params = tiny_params(meta_learner=kind, average=pool == "homogeneous", **{"metatrain.batching": batching})
-        t = build_trainer(params, Project(root))
-        out[name] = as_float64(t) if dtype == torch.float64 else t
-    assert out["fast"].fast and not out["plain"].fast
-    return out
+    params = tiny_params(meta_learner=kind, average=pool == "homogeneous")
+    out = {"fast": build_trainer(params, Project(root)), "plain": plain_trainer(build_trainer(params, Project(root)))}
+    assert out["fast"].learner.looped and not out["plain"].learner.looped
+    assert isinstance(out["plain"].inversion, PlainInversionLoss) and not isinstance(out["fast"].inversion,
+                                                                                     PlainInversionLoss)
+    return {name: as_float64(t) if dtype == torch.float64 else t for name, t in out.items()}
 
 
 def inversion(t: MetaTrainer) -> tuple[dict[str, float], torch.Tensor]:

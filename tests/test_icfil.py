@@ -1,7 +1,7 @@
 """ICFIL on a tiny conv4 and random 16-px tasks.
 
-- the tasks of a batch run together (vmap) and give each task's own result; a fast learner's
-  loop under the fast forward gives the same logits as a plain learner's vmap;
+- the tasks of a batch run together (vmap) and give each task's own result; a looped learner's
+  loop under the fast forward gives the same logits as the vmap of a learner that is not looped;
 - with no calibration step ICFIL is plain test-time adaptation; exact copies of the support
   weighted 0 make it extra head steps on the support; noisy copies weighted 1 change it;
 - each synthesis term does what docs/icfil.md says: the hardness term lowers (its negative
@@ -59,15 +59,15 @@ def test_a_batch_of_tasks_gives_each_task_its_own_result(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", LEARNER_NAMES)
-def test_fast_loop_equals_plain_vmap(kind: str) -> None:
+def test_looped_learner_equals_vmap(kind: str) -> None:
     torch.manual_seed(0)
     model = build_backbone("conv4", WAY, SIZE, track_running_stats=False).double()
     cfg = dataclasses.replace(Params().calibration, inversion_steps=2, images_per_class=2, calibrate="last")
     weights = {k: v.detach() for k, v in model.named_parameters()}
     batch = tasks(3).to(torch.float64)
-    icfils = {fast: ICFIL(build_learner(kind, model, 2, 0.1, fast=fast), cfg, Params().inversion, seed=1)
-              for fast in (False, True)}
-    out = {fast: icfil.batch(weights, batch) for fast, icfil in icfils.items()}
+    icfils = {looped: ICFIL(build_learner(kind, model, 2, 0.1, looped=looped), cfg, Params().inversion, seed=1)
+              for looped in (False, True)}
+    out = {looped: icfil.batch(weights, batch) for looped, icfil in icfils.items()}
     torch.testing.assert_close(out[True], out[False], rtol=1e-9, atol=1e-10)
     assert not torch.allclose(out[True][0], out[True][1])
 

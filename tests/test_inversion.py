@@ -7,8 +7,8 @@
   N − i times).
 - ``total_variation`` and ``jitter`` match hand computations.
 - A heterogeneous pool (conv4 at 32 and 16 px with another normalisation, resnet10 at 16 px)
-  gives the same terms and bank gradient on the fast path (eager, and with ``torch.compile``)
-  and the plain loop.
+  gives the same terms and bank gradient as :class:`InversionLoss` (eager, and with
+  ``torch.compile``) and as the plain loop of :mod:`purer_mlops.meta.plain_reference`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from purer_mlops.config import InversionParams
 from purer_mlops.data.registry import DatasetInfo
 from purer_mlops.meta.fused import compiled_folded_conv4
 from purer_mlops.meta.inversion import TERMS, InversionLoss, Teacher, jitter
+from purer_mlops.meta.plain_reference import PlainInversionLoss
 from purer_mlops.models.backbones import batchnorm_layers, build_backbone, capture_bn_inputs
 from purer_mlops.models.kernels import total_variation
 
@@ -47,7 +48,8 @@ def bank(classes: int, per_class: int, size: int = 16, seed: int = 1) -> torch.T
 def loss_fn(teachers, size: int = 16, fast: bool = True, a_bn: float = 0.01, compiled: bool = False
             ) -> InversionLoss:
     space = DatasetInfo("bank", image_size=size, mean=MEAN, std=STD, raw=())
-    return InversionLoss(teachers, space, InversionParams(bn=a_bn, tv=1e-4, l2=1e-5), fast=fast, compiled=compiled)
+    kind = InversionLoss if fast else PlainInversionLoss
+    return kind(teachers, space, InversionParams(bn=a_bn, tv=1e-4, l2=1e-5), compiled=compiled)
 
 
 def values(out: dict[str, torch.Tensor]) -> dict[str, float]:

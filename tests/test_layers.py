@@ -6,7 +6,9 @@ A *room* is a folder of ``src/purer_mlops`` (``meta``, ``stages``, ...) or a top
 - the domain rooms (data, models, teachers, meta, serve) import neither ``tracking``, nor
   ``stages``, nor ``cli``; ``tracking`` imports no domain room (nor ``config``);
 - no two rooms import each other, directly or round a loop;
-- the drawing in docs/architecture.md has exactly the arrows the imports have.
+- the drawing in docs/architecture.md has exactly the arrows the imports have;
+- no module of the package imports the plain yardstick (``meta/plain_reference.py``): only tests
+  and benchmarks do.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ABOVE_DOMAIN = {"tracking", "stages", "cli"}
 # Used by every layer and using none of the drawn rooms: not drawn, checked instead.
 INFRASTRUCTURE = {"errors", "fileio", "paths", "distributed", "interrupts", "compiling", "lanes", "children"}
 ENTRY = {"__main__", "__init__"}  # `python -m purer_mlops` and the package's own __init__
+YARDSTICK = "purer_mlops.meta.plain_reference"
 
 
 def _room(module: str) -> str:
@@ -61,13 +64,28 @@ def runtime_imports(path: Path, package: str) -> set[str]:
     return {m for m in out if m.startswith("purer_mlops")}
 
 
-def import_arrows() -> dict[str, set[str]]:
-    """room → the rooms its modules import (itself left out)."""
-    arrows: dict[str, set[str]] = {}
+def _modules() -> list[tuple[Path, str, str]]:
+    """(file, its package, its module name) of every module of the package."""
+    out = []
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
         package = ".".join(parts[:-1])
-        module = package if parts[-1] == "__init__" else ".".join(parts)
+        out.append((path, package, package if parts[-1] == "__init__" else ".".join(parts)))
+    return out
+
+
+def yardstick_importers(modules: list[tuple[Path, str, str]]) -> list[str]:
+    """The modules, the yardstick aside, with an import statement naming it (typing-only ones too)."""
+    name = YARDSTICK.rsplit(".", 1)[1]
+    return [module for path, _, module in modules if module != YARDSTICK
+            and any(isinstance(n, ast.Import | ast.ImportFrom) and name in ast.unparse(n)
+                    for n in ast.walk(ast.parse(path.read_text())))]
+
+
+def import_arrows() -> dict[str, set[str]]:
+    """room → the rooms its modules import (itself left out)."""
+    arrows: dict[str, set[str]] = {}
+    for path, package, module in _modules():
         room = _room(module)
         targets = {_room(m) for m in runtime_imports(path, package)} - {room}
         arrows.setdefault(room, set()).update(targets)
@@ -162,3 +180,19 @@ def test_a_wrong_drawing_is_noticed(edit: str) -> None:
     problems = drawing_problems(drawn_arrows(text.replace(line.group(0), wrong)), import_arrows())
     expected = {"drop": "imported but not drawn: stages ──► tracking", "add": "drawn but not imported: stages ──► cli"}
     assert problems == [expected[edit]]
+
+
+def test_only_tests_and_benchmarks_import_the_plain_yardstick() -> None:
+    assert _module_file(YARDSTICK).is_file()
+    assert yardstick_importers(_modules()) == []
+
+
+@pytest.mark.parametrize("line", ["from .plain_reference import plain_terms",
+                                  "from purer_mlops.meta import plain_reference",
+                                  "import purer_mlops.meta.plain_reference"])
+def test_a_production_module_importing_the_yardstick_is_noticed(tmp_path: Path, line: str) -> None:
+    inversion = PACKAGE / "meta" / "inversion.py"
+    edited = tmp_path / "inversion.py"
+    edited.write_text(inversion.read_text() + "\n" + line + "\n")
+    assert yardstick_importers([(edited, "purer_mlops.meta", "purer_mlops.meta.inversion")]) == [
+        "purer_mlops.meta.inversion"]

@@ -11,7 +11,7 @@
   gradients.
 - ``batch_loss`` gives the same losses, accuracies and gradients batched (vmap) and looped.
 - Test-time adaptation gives the same losses on channels-last images and weights as on NCHW,
-  and ``task_accuracies`` runs a fast learner's convolutions channels-last on CPU.
+  and ``task_accuracies`` runs a looped learner's convolutions channels-last on CPU.
 """
 
 from __future__ import annotations
@@ -61,14 +61,14 @@ def meta_grad(learner: MetaLearner, params, data, way) -> torch.Tensor:
     return flat(torch.autograd.grad(loss, list(params.values())))
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_maml_second_order_meta_gradient_matches_finite_differences(fast: bool) -> None:
+@pytest.mark.parametrize("looped", [False, True])
+def test_maml_second_order_meta_gradient_matches_finite_differences(looped: bool) -> None:
     way = 3
     model = tiny_model(way, torch.float64)
     data = task(way, shot=2, query=2, dtype=torch.float64)
     # a large inner step makes the second-order terms big enough to tell apart
     so = build_learner("maml", model, inner_steps=2, inner_lr=0.3)
-    so.fast = fast  # the fast path: native batch norm, max-pool before ReLU
+    so.looped = looped  # the fast forward: native batch norm, max-pool before ReLU
     fo = build_learner("maml", model, inner_steps=2, inner_lr=0.3, first_order=True)
     params = leaf_params(model)
     g_so, g_fo = meta_grad(so, params, data, way), meta_grad(fo, params, data, way)
@@ -192,17 +192,17 @@ def test_fast_max_pool_equals_max_pool_with_its_gradients(layout: torch.memory_f
 
 
 @pytest.mark.parametrize("kind", LEARNER_NAMES)
-def test_fast_learner_task_by_task_equals_plain_learner_under_vmap(kind: str) -> None:
-    # evaluation runs a fast learner's tasks in a loop and a plain one's under vmap (meta/evaluation.py)
+def test_looped_learner_task_by_task_equals_learner_under_vmap(kind: str) -> None:
+    # evaluation runs a looped learner's tasks in a loop and another one's under vmap (meta/evaluation.py)
     way = 3
     model = tiny_model(way, torch.float64)
     params = {k: v.detach() for k, v in model.named_parameters()}
     tasks = TaskBatch(*task(way, shot=2, query=3, dtype=torch.float64, tasks=4), way)
     with torch.no_grad():
         plain = build_learner(kind, model, 3, 0.2).batch_loss(params, tasks, batched=True)
-        fast = build_learner(kind, model, 3, 0.2, fast=True).batch_loss(params, tasks, batched=False)
-    torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(fast[1], plain[1])
+        looped = build_learner(kind, model, 3, 0.2, looped=True).batch_loss(params, tasks, batched=False)
+    torch.testing.assert_close(looped[0], plain[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(looped[1], plain[1])
     assert plain[0].unique().numel() == 4
 
 
@@ -213,10 +213,10 @@ def test_compiled_test_time_steps_equal_the_eager_ones(kind: str) -> None:
     model = tiny_model(way, torch.float64)
     params = {k: v.detach() for k, v in model.named_parameters()}
     tasks = TaskBatch(*task(way, shot=2, query=3, dtype=torch.float64, tasks=3), way)
-    compiled = build_learner(kind, model, 3, 0.2, fast=True, compiled=True)
+    compiled = build_learner(kind, model, 3, 0.2, looped=True, compiled=True)
     assert compiled.step is not compiled.sgd_step
     with torch.no_grad():
-        eager = build_learner(kind, model, 3, 0.2, fast=True).batch_loss(params, tasks, batched=False)
+        eager = build_learner(kind, model, 3, 0.2, looped=True).batch_loss(params, tasks, batched=False)
         out = compiled.batch_loss(params, tasks, batched=False)
     torch.testing.assert_close(out[0], eager[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out[1], eager[1])
@@ -234,7 +234,7 @@ def test_channels_last_test_time_adaptation_equals_nchw(kind: str) -> None:
     assert torch.equal(cl_tasks.xs, tasks.xs) and torch.equal(cl_tasks.xq, tasks.xq)
     assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
                for t in (cl_tasks.xs[1], cl_tasks.xq[2]))
-    learner = build_learner(kind, model, 3, 0.2, fast=True)
+    learner = build_learner(kind, model, 3, 0.2, looped=True)
     with torch.no_grad():
         nchw = learner.batch_loss(params, tasks, batched=False)
         cl = learner.batch_loss(cl_params, cl_tasks, batched=False)
@@ -243,7 +243,7 @@ def test_channels_last_test_time_adaptation_equals_nchw(kind: str) -> None:
     assert nchw[0].unique().numel() == 3
 
 
-def test_task_accuracies_run_a_fast_learner_channels_last_on_cpu() -> None:
+def test_task_accuracies_run_a_looped_learner_channels_last_on_cpu() -> None:
     way, per_class = 3, 4
     images = torch.randint(0, 256, (way * per_class, 3, SIZE, SIZE), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
@@ -255,7 +255,7 @@ def test_task_accuracies_run_a_fast_learner_channels_last_on_cpu() -> None:
     layouts: list[bool] = []
     model.features.body[0].register_forward_pre_hook(
         lambda _m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    accs = task_accuracies(build_learner("maml", model, 2, 0.1, fast=True), dict(model.named_parameters()),
+    accs = task_accuracies(build_learner("maml", model, 2, 0.1, looped=True), dict(model.named_parameters()),
                            imageset, tasks)
     assert accs.shape == (2,) and bool(((accs >= 0) & (accs <= 1)).all())
     assert len(layouts) == 2 * 3 and all(layouts)  # 2 tasks × (2 steps + the query)

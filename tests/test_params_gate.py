@@ -32,7 +32,7 @@ def outputs(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("setting, words", [
-    ("metatrain.batching=FAST", ["'metatrain.batching' is 'FAST'", "choose one of"]),
+    ("distill.start=BEST", ["'distill.start' is 'BEST'", "choose one of"]),
     ("+no_such_key=1", ["unknown key 'no_such_key'"]),
     ("pretrain.batch_size=0", ["'pretrain.batch_size' is 0", "at least 1"]),
 ])

@@ -1,7 +1,8 @@
 """Benchmarks of one PURER meta-iteration (bank update with the adversarial term + meta update).
 
-Each setting times the ``plain`` path (the per-teacher, per-task yardstick) and the ``fast``
-one in the same run, in one benchmark group, so their ratio is read off the same table:
+Each setting times the ``plain`` path (the per-teacher, per-task yardstick of
+:mod:`purer_mlops.meta.plain_reference`) and the ``fast`` one (production's) in the same run, in
+one benchmark group, so their ratio is read off the same table:
 
     pytest tests/benchmarks -o addopts="" --benchmark-only --benchmark-group-by=group -k 5w5s
 
@@ -36,6 +37,7 @@ from purer_mlops.config import from_dict
 from purer_mlops.data.filelist import write_filelists
 from purer_mlops.data.registry import DATASETS, SPLITS
 from purer_mlops.lanes import lane_count, open_lanes
+from purer_mlops.meta.plain_reference import plain_trainer
 from purer_mlops.models.backbones import build_backbone
 from purer_mlops.models.pool_storage import TeacherRecord, save_pool
 from purer_mlops.paths import Project
@@ -138,12 +140,14 @@ def test_meta_iteration(benchmark, setting, mode, capsys):
         "num_sup_train": s["num_sup_train"], "synthesis_per_class": s["synthesis_per_class"],
         "inner_update_num": s["inner"], "candidate_size": s["candidate"], "tracking": False,
         "device": DEVICE, "inversion": {"bf16": mode.endswith("_bf16")},
-        "metatrain": {"batching": mode.split("_")[0], "val_episodes": 1, "compile": mode.endswith("_compiled")},
+        "metatrain": {"val_episodes": 1, "compile": mode.endswith("_compiled")},
     })
     lanes = lane_count(0, torch.device(DEVICE)) if mode.endswith("_lanes") else 1
     with open_lanes(lanes) as opened:
-        flops, median, compile_note = time_iterations(benchmark, name, mode,
-                                                      build_trainer(params, Project(root), lanes=opened))
+        trainer = build_trainer(params, Project(root), lanes=opened)
+        if mode == "plain":
+            trainer = plain_trainer(trainer)
+        flops, median, compile_note = time_iterations(benchmark, name, mode, trainer)
     if mode != "plain":  # the matmul on all the process's threads, out of the lanes
         peak = matmul_gflops()
         plain = MEDIANS.get((name, "plain"))

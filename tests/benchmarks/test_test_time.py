@@ -8,7 +8,7 @@ One group per predictor, ``plain`` and ``fast`` timed in the same run:
 50 random 5-way 1-shot tasks with 15 queries per class at 32 px (one chunk of
 ``task_accuracies``), a conv4 meta-model with batch-statistics BatchNorm, MAML with the
 default 10 test-time steps (``fast_channels_last``: weights and images channels-last, as
-``task_accuracies`` runs a fast learner on CPU; ``fast_compiled``: each step under
+``task_accuracies`` runs a looped learner on CPU; ``fast_compiled``: each step under
 ``torch.compile``, its compilation timed apart); ``icfil`` adds ICFIL with the default calibration knobs (its cost
 relative to plain adaptation is printed for each path). Both
 paths give the same accuracies (tests/test_learners.py and tests/test_icfil.py check the
@@ -50,7 +50,7 @@ def test_test_time(benchmark, predictor: str, mode: str, capsys) -> None:
     weights = {k: v.detach() for k, v in model.named_parameters()}
     params = Params()
     learner = build_learner("maml", model, params.test_inner_update_num, params.inner_lr,
-                            fast=mode.startswith("fast"), compiled=mode == "fast_compiled")
+                            looped=mode.startswith("fast"), compiled=mode == "fast_compiled")
     tasks = _tasks()
     if mode == "fast_channels_last":
         weights, tasks = channels_last(weights), tasks.channels_last()

@@ -95,11 +95,8 @@ class MetatrainParams:
     checkpoint_interval: int = knob(50, "meta-iterations between `models/meta/last.pt` checkpoints (resume)",
                                     *TRAIN, ge=1, bookkeeping=True)
     image_interval: int = knob(250, "meta-iterations between bank image grids", *TRAIN, ge=1, bookkeeping=True)
-    batching: str = knob("auto", "`fast` (folded BatchNorm, channels-last, native batch norm) or the plain "
-                         "per-teacher, per-task `plain` yardstick; `auto`: fast (docs/performance.md)", *TRAIN,
-                         choices=("auto", "fast", "plain"))
     compile: bool = knob(False, "`torch.compile` the conv4 teachers' scoring in the bank update and each step "
-                         "of meta-val's test-time adaptation (fast path; compiled at first use, seconds to a "
+                         "of meta-val's test-time adaptation (compiled at first use, seconds to a "
                          "minute)", *TRAIN)
 
 

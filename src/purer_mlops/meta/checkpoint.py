@@ -36,11 +36,16 @@ HISTORY_FOLDER = OutputFolder("a folder of validated models (iter_*.safetensors,
                               r"iter_\d+\.(safetensors|json)")
 
 
+# Knobs since removed, at the value that computes what the code now always computes: with them the
+# fingerprint, so ``last.pt``'s bytes and the resumption of a run begun before, stay what they were.
+RETIRED_KNOBS = {"metatrain.batching": "auto"}
+
+
 def fingerprint(params: Params, pool_dir: Path, oracle: bool) -> str:
     """Identity of a run: a checkpoint is resumed (or reused) only by the run it belongs to."""
     pool_json = pool_dir / "pool.json"
     keys = fingerprint_knobs()
-    training = {k: v for k, v in params.flat().items() if k in keys}
+    training = {**RETIRED_KNOBS, **{k: v for k, v in params.flat().items() if k in keys}}
     blob = json.dumps({"params": training, "oracle": oracle,
                        "pool": pool_json.read_text() if pool_json.is_file() else None}, sort_keys=True,
                       default=str)

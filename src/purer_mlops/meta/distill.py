@@ -116,16 +116,14 @@ class Distiller:
         bank_space: (image size, mean, std) of the bank.
         dim: the meta-model's embedding size D.
         seed: the run's seed (the distiller's generator is seeded from it).
-        fast: the meta-model's fast forward (:func:`~purer_mlops.models.backbones.fast_forward`).
     """
 
-    def __init__(self, cfg: DistillParams, teachers: list[Teacher], bank_space: tuple, dim: int, seed: int,
-                 fast: bool = True):
+    def __init__(self, cfg: DistillParams, teachers: list[Teacher], bank_space: tuple, dim: int, seed: int):
         wrong = [i for i, t in enumerate(teachers) if (t.image_size, tuple(t.mean), tuple(t.std)) != bank_space]
         if wrong:
             raise UserError(f"distill.weight > 0 needs teachers that read the bank's size and normalisation "
                             f"{bank_space}; teachers {wrong} do not. Set distill.weight: 0.")
-        self.cfg, self.fast = cfg, fast
+        self.cfg = cfg
         self.teachers = [t.model.eval().requires_grad_(False) for t in teachers]
         self.gen = torch.Generator().manual_seed(seed + SEED_OFFSET)
         dims = [t.model.features(torch.zeros(2, 3, bank_space[0], bank_space[0])).shape[1] for t in teachers]
@@ -192,7 +190,7 @@ class Distiller:
         tensor as it is); steps the projections on their own gradient."""
         x, labels = self.batch(bank)
         chosen = self.chosen()
-        with fast_forward(self.fast):
+        with fast_forward():
             z = self.embed(embed, x, int(labels[-1]) + 1)
         loss = self.loss(z, self.targets(x, chosen), labels, chosen)
         proj = [self.projections[i] for i in chosen] if self.cfg.feature > 0 else []

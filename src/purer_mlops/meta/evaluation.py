@@ -24,9 +24,9 @@ Predictor = Callable[[Weights, TaskBatch], torch.Tensor]
 
 
 def channels_last_on_cpu(learner: MetaLearner, weights: Weights) -> bool:
-    """Whether test-time adaptation runs channels-last: a fast learner on CPU, where the
+    """Whether test-time adaptation runs channels-last: a looped learner on CPU, where the
     meta-model's small convolutions run ~1.6x faster so (first order; docs/performance.md)."""
-    return learner.fast and next(iter(weights.values())).device.type == "cpu"
+    return learner.looped and next(iter(weights.values())).device.type == "cpu"
 
 
 def channels_last(weights: Weights) -> Weights:
@@ -38,16 +38,16 @@ def _accuracies(learner: MetaLearner, weights: Weights, tasks: TaskBatch, predic
                 ) -> torch.Tensor:
     """Accuracy (T,) of each task of ``tasks`` after adaptation.
 
-    A fast learner runs the tasks one after another: its forward cannot run under ``vmap``
-    (channels-last max-pool indices), and looped it is still 1.3-1.8x faster than the plain
-    forward under ``vmap`` on CPU (docs/performance.md); a plain learner runs them under ``vmap``.
+    A looped learner runs the tasks one after another: its forward cannot run under ``vmap``
+    (channels-last max-pool indices), and looped it is still 1.3-1.8x faster than the elementary
+    forward under ``vmap`` on CPU (docs/performance.md); any other learner runs them under ``vmap``.
     """
     if len(tasks) == 0:  # a lane without tasks
         return torch.zeros(0, device=tasks.yq.device)
     if predict is not None:
         return (predict(weights, tasks).argmax(2) == tasks.yq).float().mean(1)
     with torch.no_grad():
-        return learner.batch_loss(weights, tasks, batched=not learner.fast)[1]
+        return learner.batch_loss(weights, tasks, batched=not learner.looped)[1]
 
 
 def task_accuracies(learner: MetaLearner, weights: Weights, imageset: ImageSet,

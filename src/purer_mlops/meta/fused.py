@@ -1,6 +1,6 @@
-"""The fast path's teacher scoring: one frozen teacher's logits and its BatchNorm-statistics term.
+"""The teachers' scoring in the inversion loss: one frozen teacher's logits and its BatchNorm-statistics term.
 
-The plain path (:class:`~.inversion.InversionLoss` with ``fast=False``) runs the teacher module
+The plain yardstick (:mod:`.plain_reference`, tests and benchmarks only) runs the teacher module
 as it is and reduces the captured BatchNorm inputs in two passes. Here, for the same numbers:
 
 - **Channels-last.** Images and convolution weights are channels-last (NHWC): on CPU a
@@ -112,7 +112,7 @@ class ModuleScorer:
 
 
 def scorer(model: nn.Module, compiled: bool = False) -> FoldedConv4 | ModuleScorer:
-    """The fast scorer of a teacher: folded for conv4 (``compiled``: under ``torch.compile``),
+    """The scorer of a teacher: folded for conv4 (``compiled``: under ``torch.compile``),
     the module otherwise (eager: its BatchNorm inputs are captured by hooks)."""
     if isinstance(model, Classifier) and isinstance(model.features, Conv4):
         return FoldedConv4(model, compiled)

@@ -113,8 +113,8 @@ class ICFIL:
     def batch(self, weights: Weights, tasks: TaskBatch) -> torch.Tensor:
         """Calibrated query logits (T, Q, way) of the T tasks of ``tasks``.
 
-        A fast learner runs them one after another under the fast forward (which ``vmap``
-        cannot run; looped it is the faster, as for plain test-time adaptation), a plain one
+        A looped learner runs them one after another under the fast forward (which ``vmap``
+        cannot run; looped it is the faster, as for plain test-time adaptation), any other
         together under ``vmap``.
         """
         weights = {k: v.detach() for k, v in weights.items()}
@@ -124,7 +124,7 @@ class ICFIL:
             return self.task(weights, xs, ys, xq, eps, tasks.way)
 
         with torch.no_grad():  # torch.func.grad inside still differentiates; nothing else builds a graph
-            if not self.learner.fast:
+            if not self.learner.looped:
                 return vmap(one, randomness="same")(tasks.xs, tasks.ys, tasks.xq, noise)
             with fast_forward():
                 return torch.stack([one(*tasks.task(t)[:3], noise[t]) for t in range(len(tasks))])

@@ -12,11 +12,11 @@ and re-normalised to its dataset's statistics, and scores it with
 (Yin et al., CVPR 2020, "Dreaming to Distill"). Every teacher is weighted once; the
 reference's running-total bug weighted teacher i (N − i) times.
 
-The fast path gathers the bank once per group of teachers (same architecture, input size and
-normalisation) and scores each teacher with :mod:`.fused` (BatchNorm folded into the
-convolutions, channels-last; the kernels of :mod:`purer_mlops.models.kernels`); the plain
-per-teacher loop (:mod:`.plain_reference`, ``metatrain.batching: plain``) gives the same numbers
-and is kept as the benchmarks' and equivalence tests' yardstick.
+The bank is gathered once per group of teachers (same architecture, input size and
+normalisation) and each teacher scored with :mod:`.fused` (BatchNorm folded into the
+convolutions, channels-last; the kernels of :mod:`purer_mlops.models.kernels`). The plain
+per-teacher loop with its own formulas, :class:`~.plain_reference.PlainInversionLoss`, gives the
+same numbers: the yardstick of the benchmarks and equivalence tests, which only they import.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ..config import InversionParams
 from ..data.registry import DatasetInfo
 from ..models.kernels import GroupTotalVariation, at_least_fp32
 from .fused import scorer
-from .plain_reference import plain_terms
 
 TERMS = ("ce", "bn", "tv", "l2")
 
@@ -87,7 +86,7 @@ class _Group:
         self.image_size, self.mean, self.std = first.image_size, first.mean, first.std
         self.bn_keys = [name for name, m in first.model.named_modules()
                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        self.scorers: list = []  # the fast path's, built by InversionLoss.to
+        self.scorers: list = []  # built by InversionLoss.to
 
     def rows(self, use: set[int] | None) -> list[int]:
         """Positions in the group of the teachers used this update (all when ``use`` is None)."""
@@ -102,13 +101,11 @@ class InversionLoss:
         bank: size and normalisation of the bank's space (the meta-dataset's).
         priors: weights of the priors (``bn``, ``tv``, ``l2``) and ``bf16`` (autocast of the
             teachers' forward pass).
-        fast: the fast path (:mod:`.fused`: folded BatchNorm, channels-last, one gather of
-            the bank per group) or the plain per-teacher loop (False, the yardstick).
-        compiled: the fast path's conv4 scorers run under ``torch.compile`` (``metatrain.compile``).
+        compiled: the conv4 scorers run under ``torch.compile`` (``metatrain.compile``).
     """
 
     def __init__(self, teachers: Sequence[Teacher], bank: DatasetInfo, priors: InversionParams,
-                 fast: bool = True, compiled: bool = False):
+                 compiled: bool = False):
         self.teachers = list(teachers)
         for t in self.teachers:
             t.model.eval().requires_grad_(False)
@@ -117,7 +114,6 @@ class InversionLoss:
         self.bank_norm = (tuple(bank.mean), tuple(bank.std))  # Python floats, compared exactly
         self.bank_size = bank.image_size
         self.weights = {"ce": 1.0, "bn": priors.bn, "tv": priors.tv, "l2": priors.l2}
-        self.fast = fast
         self.autocast_bf16 = priors.bf16
         self.compiled = compiled
         keys: dict[tuple, list[int]] = {}
@@ -127,13 +123,13 @@ class InversionLoss:
         self.to(self.bank_mean.device)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> InversionLoss:
-        """Move (and with ``dtype`` convert) the teachers; the fast path's scorers are rebuilt."""
+        """Move (and with ``dtype`` convert) the teachers; their scorers are rebuilt."""
         for t in self.teachers:
             t.model.to(device=device, dtype=dtype)
             t.classes = t.classes.to(device)
         for g in self.groups:
             g.classes = g.classes.to(device)
-            g.scorers = [scorer(self.teachers[i].model, self.compiled) for i in g.members] if self.fast else []
+            g.scorers = [scorer(self.teachers[i].model, self.compiled) for i in g.members]
         self.bank_mean = self.bank_mean.to(device=device, dtype=dtype)
         self.bank_std = self.bank_std.to(device=device, dtype=dtype)
         return self
@@ -145,23 +141,22 @@ class InversionLoss:
             lead = x.shape[:-3]
             x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(size, size), mode="bilinear",
                               align_corners=False).reshape(*lead, 3, size, size)
-        if self.fast:
-            renormalise = (tuple(mean), tuple(std)) != self.bank_norm
-        else:  # the plain path as it was: float32 statistics never equal the Python floats
-            renormalise = tuple(mean) != tuple(self.bank_mean.flatten().tolist()) or tuple(std) != tuple(
-                self.bank_std.flatten().tolist())
-        if renormalise:
+        if self._renormalises(mean, std):
             t_mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
             t_std = torch.tensor(std, device=x.device, dtype=x.dtype).view(3, 1, 1)
             x = ((x * self.bank_std + self.bank_mean) - t_mean) / t_std
         return x
+
+    def _renormalises(self, mean: Sequence[float], std: Sequence[float]) -> bool:
+        """Whether a teacher's normalisation differs from the bank's (Python floats, compared exactly)."""
+        return (tuple(mean), tuple(std)) != self.bank_norm
 
     def _autocast(self, x: torch.Tensor) -> torch.autocast:
         return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
     def _group_terms(self, g: _Group, rows: list[int], bank: torch.Tensor, shift: tuple[int, int],
                      y: torch.Tensor) -> torch.Tensor:
-        """The fast path: the four terms (4,) summed over the group's teachers at ``rows``."""
+        """The four terms (4,) summed over the group's teachers at ``rows``; y (k·P,): their labels."""
         cls = g.classes if len(rows) == len(g.members) else g.classes[rows]
         x = bank[cls].flatten(1, 2)  # (T, k·P, 3, S, S): one gather for the group
         x = jitter(self._to_teacher_space(x, g.image_size, g.mean, g.std), *shift)
@@ -192,17 +187,9 @@ class InversionLoss:
         per_class = bank.shape[1]
         for g in self.groups:
             rows = g.rows(use)
-            if not rows:
-                continue
-            y = torch.arange(g.classes.shape[1], device=bank.device).repeat_interleave(per_class)
-            if self.fast:
+            if rows:
+                y = torch.arange(g.classes.shape[1], device=bank.device).repeat_interleave(per_class)
                 sums = sums + self._group_terms(g, rows, bank, shift, y)
-                continue
-            for j in rows:
-                t = self.teachers[g.members[j]]
-                x = bank[t.classes].flatten(0, 1)
-                x = jitter(self._to_teacher_space(x, t.image_size, t.mean, t.std), *shift)
-                sums = sums + plain_terms(t.model, x, bn_keys=g.bn_keys, y=y, autocast=self._autocast(x))
         out = {name: sums[i] for i, name in enumerate(TERMS)}
         out["loss"] = sum(self.weights[n] * out[n] for n in TERMS)
         return out

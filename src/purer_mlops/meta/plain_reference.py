@@ -1,12 +1,19 @@
-"""The plain path's inversion terms, written out on their own: the yardstick of the fast kernels.
+"""The plain path, written out on its own: the yardstick of the fast kernels, for tests and benchmarks only.
 
-With ``metatrain.batching: plain`` the inversion loss scores each teacher as a module and
-reduces its captured BatchNorm inputs in two passes, with its own total variation. Of
-:mod:`purer_mlops.models.kernels` it uses only the precision helper, so tests/test_equivalence.py,
-which compares the fast path with this one in float64, fails when a kernel is broken.
+Production code never imports this module (tests/test_layers.py fails when it does). It holds:
+
+- :func:`plain_terms`: one teacher's inversion terms, the teacher run as a module, its captured
+  BatchNorm inputs reduced in two passes, with its own total variation. Of
+  :mod:`purer_mlops.models.kernels` it uses only the precision helper, so tests/test_equivalence.py,
+  which compares the production path with this one in float64, fails when a kernel is broken;
+- :class:`PlainInversionLoss`: the inversion loss as a loop of :func:`plain_terms` over teachers;
+- :func:`plain_trainer`: a :class:`~.trainer.MetaTrainer` turned into the yardstick (that loss,
+  learners on the elementary forward, one task after another, and Adam's loop of operations).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +21,8 @@ from torch import nn
 
 from ..models.backbones import capture_bn_inputs
 from ..models.kernels import at_least_fp32
+from .inversion import TERMS, InversionLoss, jitter
+from .trainer import MetaTrainer
 
 
 def plain_total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -39,3 +48,36 @@ def plain_terms(model: nn.Module, x: torch.Tensor, *, bn_keys: list[str], y: tor
         var = f.var(dim=(0, 2, 3), unbiased=False)
         bn = bn + (mu - buffers[f"{key}.running_mean"]).norm() + (var - buffers[f"{key}.running_var"]).norm()
     return torch.stack([ce, bn, plain_total_variation(x), x.norm()])
+
+
+class PlainInversionLoss(InversionLoss):
+    """:class:`~.inversion.InversionLoss` as a per-teacher loop of :func:`plain_terms` (same arguments)."""
+
+    def _renormalises(self, mean: Sequence[float], std: Sequence[float]) -> bool:
+        # as the plain path always did: the float32 statistics never equal the Python floats
+        return (tuple(mean) != tuple(self.bank_mean.flatten().tolist())
+                or tuple(std) != tuple(self.bank_std.flatten().tolist()))
+
+    def _group_terms(self, g, rows: list[int], bank: torch.Tensor, shift: tuple[int, int],
+                     y: torch.Tensor) -> torch.Tensor:
+        """The four terms (4,) summed over the group's teachers at ``rows``, one teacher at a time."""
+        sums = bank.new_zeros(len(TERMS))
+        for j in rows:
+            t = self.teachers[g.members[j]]
+            x = jitter(self._to_teacher_space(bank[t.classes].flatten(0, 1), t.image_size, t.mean, t.std), *shift)
+            sums = sums + plain_terms(t.model, x, bn_keys=g.bn_keys, y=y, autocast=self._autocast(x))
+        return sums
+
+
+def plain_trainer(trainer: MetaTrainer) -> MetaTrainer:
+    """``trainer``, just built, turned into the yardstick in place: :class:`PlainInversionLoss`, its
+    learners on the elementary forward (the meta update runs its tasks one after another anyway),
+    and both optimisers Adam's loop of operations instead of the fused kernel."""
+    p = trainer.params
+    if trainer.bank is not None:
+        trainer.inversion = PlainInversionLoss(trainer.pool.teachers, trainer.info, p.inversion).to(trainer.device)
+        trainer.bank_opt = torch.optim.Adam(trainer.bank.parameters(), lr=p.inversion.lr)
+    trainer.meta_opt = torch.optim.Adam(trainer.model.parameters(), lr=p.outer_lr)
+    for learner in (*trainer.learners, trainer.tester):
+        learner.looped = False
+    return trainer

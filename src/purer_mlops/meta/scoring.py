@@ -36,7 +36,7 @@ def score(params: Params, model: torch.nn.Module, test: ImageSet, tasks: list[Ta
     device = next(model.parameters()).device
     if params.metatest.compile:
         check_compiler(device, "metatest.compile")
-    learner = build_learner(meta_learner, model, params.test_inner_update_num, params.inner_lr, fast=True,
+    learner = build_learner(meta_learner, model, params.test_inner_update_num, params.inner_lr, looped=True,
                             compiled=params.metatest.compile)
     predict = ICFIL(learner, params.calibration, params.inversion, params.metatest.seed).batch if icfil else None
     with open_lanes(lane_count(params.lanes, device, params.metatest.compile or icfil)) as lanes:

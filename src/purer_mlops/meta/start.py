@@ -25,10 +25,10 @@ from .pool import Pool
 
 
 def teacher_scores(model: Classifier, pool: Pool, val: ImageSet, tasks: Sequence[TaskIndices], *,
-                   fast: bool = True, lanes: Lanes = ONE) -> list[float]:
+                   lanes: Lanes = ONE) -> list[float]:
     """Mean meta-val accuracy (percent) of each teacher's embedding, loaded into ``model``, with
     nearest prototype; ``model`` is left holding the last teacher."""
-    learner = build_learner("protonet", model, 0, 0.0, fast=fast)
+    learner = build_learner("protonet", model, 0, 0.0, looped=True)
     scores = []
     for sd in pool.state_dicts:
         average_into(model, [sd])
@@ -38,12 +38,12 @@ def teacher_scores(model: Classifier, pool: Pool, val: ImageSet, tasks: Sequence
 
 
 def best_teacher_start(model: Classifier, pool: Pool, backbone: str, val: ImageSet, tasks: Sequence[TaskIndices],
-                       *, fast: bool = True, lanes: Lanes = ONE) -> tuple[int, list[float]]:
+                       *, lanes: Lanes = ONE) -> tuple[int, list[float]]:
     """Load into ``model`` the teacher best on the meta-val ``tasks``; return its index and every score."""
     blocker = pool.averaging_blocker(backbone, val.image_size)
     if blocker:
         raise UserError(f"distill.start is best_teacher but {blocker}. Set distill.start: pool.")
-    scores = teacher_scores(model, pool, val, tasks, fast=fast, lanes=lanes)
+    scores = teacher_scores(model, pool, val, tasks, lanes=lanes)
     best = int(torch.tensor(scores).argmax())
     average_into(model, [pool.state_dicts[best]])
     return best, scores

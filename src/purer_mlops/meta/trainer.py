@@ -41,28 +41,19 @@ from .tasks import TaskBatch, sample_pseudo_tasks, sample_real_tasks
 TRAIN_COLUMNS = ("iteration", "meta_loss", "pseudo_accuracy", "inversion_loss", *TERMS, "adversarial")
 
 
-def use_fast(mode: str) -> bool:
-    """Whether ``metatrain.batching`` (``auto``, ``fast``, ``plain``) asks for the fast path.
-
-    ``auto`` takes it on every device; ``plain`` is the yardstick of the benchmarks and of the
-    equivalence tests (docs/performance.md).
-    """
-    return mode != "plain"
-
-
-def all_finite(t: torch.Tensor, fast: bool) -> torch.Tensor:
+def all_finite(t: torch.Tensor) -> torch.Tensor:
     """0-dim bool: whether every element of t is finite.
 
-    The fast path reads t once: its sum is non-finite when an element is (NaN and ±inf
-    propagate); only a sum overflowing float32 (|Σ| > 3e38, far beyond images and their
-    gradients) would count as non-finite too. The plain path tests every element.
+    It reads t once: its sum is non-finite when an element is (NaN and ±inf propagate); only a
+    sum overflowing float32 (|Σ| > 3e38, far beyond images and their gradients) would count as
+    non-finite too.
     """
-    return torch.isfinite(t.sum()) if fast else torch.isfinite(t).all()
+    return torch.isfinite(t.sum())
 
 
-def adam(params, lr: float, fast: bool) -> torch.optim.Adam:
-    """Adam; the fast path's is the fused kernel (one pass per tensor; 7x faster on the bank)."""
-    return torch.optim.Adam(params, lr=lr, fused=True) if fast else torch.optim.Adam(params, lr=lr)
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, the fused kernel (one pass per tensor; 7x faster on the bank than the loop of ops)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
 
 
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -102,7 +93,6 @@ class MetaTrainer:
                  real: ImageSet | None = None, ranks: Ranks = SINGLE, lanes: Lanes = ONE):
         self.params, self.pool, self.val, self.real, self.ranks, self.lanes = params, pool, val, real, ranks, lanes
         self.device = device
-        self.fast = use_fast(params.metatrain.batching)
         if params.metatrain.compile:
             check_compiler(device, "metatrain.compile")
         self.info = DATASETS[params.dataset]
@@ -112,12 +102,12 @@ class MetaTrainer:
         self.start_teacher = None  # with distill.start: best_teacher, (its index, every teacher's meta-val score)
         if params.distill.start == "best_teacher":
             self.start_teacher = best_teacher_start(self.model, pool, params.backbone, val, self.val_tasks,
-                                                    fast=self.fast, lanes=lanes)
+                                                    lanes=lanes)
         self.model = self.model.to(device)
         self.learner = build_learner(params.meta_learner, self.model, params.inner_update_num,
-                                     params.inner_lr, first_order=params.approx, fast=self.fast)
+                                     params.inner_lr, first_order=params.approx, looped=True)
         self.tester = build_learner(params.meta_learner, self.model, params.test_inner_update_num,
-                                    params.inner_lr, fast=self.fast, compiled=self.fast and params.metatrain.compile)
+                                    params.inner_lr, looped=True, compiled=params.metatrain.compile)
         self.learners = self.learner.replicas(lanes.count)  # one per lane
         self.gen = torch.Generator().manual_seed(params.seed)
         self.bank = None if real is not None else self._make_bank()
@@ -125,8 +115,8 @@ class MetaTrainer:
         if self.bank is not None and params.distill.weight > 0:
             space = (self.info.image_size, tuple(self.info.mean), tuple(self.info.std))
             self.distiller = Distiller(params.distill, pool.teachers, space, self.model.features.out_dim,
-                                       params.seed, fast=self.fast).to(device)
-        self.meta_opt = adam(self.model.parameters(), params.outer_lr, self.fast)
+                                       params.seed).to(device)
+        self.meta_opt = adam(self.model.parameters(), params.outer_lr)
         self.curriculum = Curriculum(params.adv_start, params.patience, enabled=params.eci and real is None)
         self.iteration = 0
         self.skipped = 0
@@ -139,10 +129,10 @@ class MetaTrainer:
         p = self.params
         check_bank_tasks(p, len(self.pool.bank_classes))
         bank = Bank(len(self.pool.bank_classes), p.synthesis_per_class, self.info.image_size, self.gen)
-        self.inversion = InversionLoss(self.pool.teachers, self.info, p.inversion, fast=self.fast,
+        self.inversion = InversionLoss(self.pool.teachers, self.info, p.inversion,
                                        compiled=p.metatrain.compile).to(self.device)
         bank = bank.to(self.device)
-        self.bank_opt = adam(bank.parameters(), p.inversion.lr, self.fast)
+        self.bank_opt = adam(bank.parameters(), p.inversion.lr)
         self.good_bank = bank.images.detach().clone()
         return bank
 
@@ -182,7 +172,7 @@ class MetaTrainer:
 
     def bank_step(self) -> tuple[dict[str, torch.Tensor], bool]:
         """One Adam step on the bank; returns the inversion terms and whether it was adversarial."""
-        if not all_finite(self.bank.images.detach(), self.fast):
+        if not all_finite(self.bank.images.detach()):
             # A non-finite image would poison every later loss: roll back to the last good bank.
             with torch.no_grad():
                 self.bank.images.copy_(self.good_bank)
@@ -195,7 +185,7 @@ class MetaTrainer:
         parts = self.lanes.map(lambda lane, share: self._bank_share(
             lane, chosen[share.start:share.stop], shift, task), len(chosen))
         g, summed, loss = (joined([p[i] for p in parts]) for i in range(3))
-        finite = (torch.isfinite(loss) & all_finite(g, self.fast)).float().reshape(1)
+        finite = (torch.isfinite(loss) & all_finite(g)).float().reshape(1)
         self.ranks.sum_(g, summed, finite)
         if self._apply(finite, self.bank_opt, [self.bank.images], [g]):
             self.good_bank.copy_(self.bank.images.detach())

@@ -54,7 +54,7 @@ def fast_forward(enabled: bool = True) -> Iterator[None]:
 class BatchStatNorm2d(nn.BatchNorm2d):
     """BatchNorm that always normalises with the current batch's statistics (no buffers).
 
-    Written out in elementary ops by default (the plain path, and ``vmap`` at test time):
+    Written out in elementary ops by default (a learner that is not looped, under ``vmap``):
     under ``vmap`` the batching rule of batch norm's double backward is wrong
     (pytorch/functorch#534). Inside :func:`fast_forward` it calls ``F.batch_norm``.
     Same parameters and state dict as ``nn.BatchNorm2d(track_running_stats=False)``.

@@ -2,7 +2,7 @@
 
 - :func:`bn_statistics_term`: ‖μ − μ_ref‖₂ + ‖σ² − σ²_ref‖₂ of per-channel BatchNorm-input
   statistics, added to a running total (the inversion loss against a teacher's running statistics,
-  on the plain path, the fused conv4 scorer and the module scorer; ICFIL against the support's);
+  in the fused conv4 scorer and the module scorer; ICFIL against the support's);
 - :func:`batch_stats`: those statistics in one pass (the fused conv4 scorer);
 - :func:`total_variation` and :class:`GroupTotalVariation`: the total-variation prior of a batch and
   of a group of teachers' batches (one gradient buffer), over the same four neighbour differences.

@@ -59,10 +59,11 @@ class MetaLearner:
         inner_steps, inner_lr: SGD steps and step size of the inner loop.
         first_order: drop second-order terms (MAML's ``approx``); test-time adaptation
             uses detached meta-parameters, so it builds no graph at all.
-        fast: task losses run the model's fast forward
+        looped: tasks run one after another, their losses under the model's fast forward
             (:func:`~purer_mlops.models.backbones.fast_forward`: native batch norm, max-pool
-            before ReLU); False: the plain one. Test-time adaptation then runs channels-last on CPU
-            (:mod:`.evaluation`); the meta update stays NCHW (channels-last did not pay there).
+            before ReLU), which ``vmap`` cannot run; test-time adaptation then runs channels-last on
+            CPU (:mod:`.evaluation`; the meta update stays NCHW: channels-last did not pay there).
+            False: the elementary forward, so that tasks can run together under ``vmap``.
         compiled: each inner step runs under ``torch.compile`` (test-time adaptation only: the
             meta-gradient's double backward does not compile).
     """
@@ -71,12 +72,12 @@ class MetaLearner:
     metric_based: bool = False
 
     def __init__(self, model: nn.Module, inner_steps: int, inner_lr: float, first_order: bool = False,
-                 fast: bool = False, compiled: bool = False):
+                 looped: bool = False, compiled: bool = False):
         self.model = model
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
         self.first_order = first_order
-        self.fast = fast
+        self.looped = looped
         self.step = torch.compile(self.sgd_step, dynamic=False) if compiled else self.sgd_step
 
     def replicas(self, count: int) -> list[MetaLearner]:
@@ -84,7 +85,7 @@ class MetaLearner:
         :mod:`.lanes`: ``functional_call`` re-points a module's parameters while it runs, so
         lanes running side by side need one module each (the weights themselves are passed in)."""
         return [self, *(type(self)(copy.deepcopy(self.model), self.inner_steps, self.inner_lr, self.first_order,
-                                   self.fast) for _ in range(count - 1))]
+                                   self.looped) for _ in range(count - 1))]
 
     def logits(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, way) of images x (B, 3, S, S) under ``weights``."""
@@ -101,7 +102,7 @@ class MetaLearner:
 
     def sgd_step(self, inner: Weights, inputs: torch.Tensor, ys: torch.Tensor) -> Weights:
         """One SGD step on ``inner`` (a sub-dict of weights) down :meth:`inner_loss`."""
-        with fast_forward(self.fast):  # also inside a compiled step, which traces it
+        with fast_forward(self.looped):  # also inside a compiled step, which traces it
             g = grad(self.inner_loss)(inner, inputs, ys)
         if self.first_order:
             g = {k: v.detach() for k, v in g.items()}
@@ -125,7 +126,7 @@ class MetaLearner:
     def task_loss(self, weights: Weights, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                   yq: torch.Tensor, way: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy and accuracy (both 0-dim) of one task after adaptation."""
-        with fast_forward(self.fast):
+        with fast_forward(self.looped):
             logits = self.query_logits(weights, xs, ys, xq, way)
         acc = (logits.argmax(dim=1) == yq).float().mean()
         return F.cross_entropy(logits, yq), acc
@@ -184,6 +185,6 @@ LEARNERS: dict[str, type[MetaLearner]] = {"maml": MAML, "anil": ANIL, "protonet"
 
 
 def build_learner(kind: str, model: nn.Module, inner_steps: int, inner_lr: float,
-                  first_order: bool = False, fast: bool = False, compiled: bool = False) -> MetaLearner:
+                  first_order: bool = False, looped: bool = False, compiled: bool = False) -> MetaLearner:
     """The meta-learner named ``kind`` (a key of :data:`LEARNERS`) for ``model``."""
-    return LEARNERS[kind](model, inner_steps, inner_lr, first_order, fast, compiled)
+    return LEARNERS[kind](model, inner_steps, inner_lr, first_order, looped, compiled)
