@@ -24,7 +24,8 @@ from conftest import INNER_LOOP_LEARNERS, LEARNER_NAMES
 from purer_mlops.data.dataset import ImageSet
 from purer_mlops.meta.evaluation import channels_last, task_accuracies
 from purer_mlops.meta.tasks import TaskBatch
-from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward, max_pool2
+from purer_mlops.models.backbones import BatchStatNorm2d, build_backbone, fast_forward
+from purer_mlops.models.kernels import max_pool2
 from purer_mlops.models.learners import MetaLearner, build_learner
 
 SIZE = 16

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..models.backbones import Classifier, Conv4, capture_bn_inputs
-from ..models.kernels import batch_stats, bn_statistics_term
+from ..models.kernels import at_least_fp32, batch_stats, bn_statistics_term, pool_relu
 
 CL = torch.channels_last
 
@@ -52,7 +52,7 @@ def folded_conv4(x: torch.Tensor, layers: list[tuple[torch.Tensor, ...]], head: 
         mean, var = batch_stats(y)
         # mean(z) − μ = (mean(y) − β)/s and var(z) = var(y)/s² (the module docstring)
         bn = bn_statistics_term(bn, (mean - beta) * inv_s, var * inv_s * inv_s, None, running_var)
-        x = F.relu(F.max_pool2d(y, 2))
+        x = pool_relu(y)
     return F.linear(x.flatten(1), *head), bn
 
 
@@ -106,7 +106,7 @@ class ModuleScorer:
             logits = functional_call(self.model, self.params, (x.contiguous(memory_format=CL),))
         bn = x.new_zeros(())
         for (running_mean, running_var), f in zip(self.stats, feats, strict=True):
-            var, mean = torch.var_mean(f.float() if f.dtype == torch.bfloat16 else f, dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(at_least_fp32(f), dim=(0, 2, 3), correction=0)
             bn = bn_statistics_term(bn, mean, var, running_mean, running_var)
         return logits, bn
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .kernels import pool_relu
 
 _FAST: ContextVar[bool] = ContextVar("fast_forward", default=False)
 
@@ -40,9 +41,8 @@ def fast_forward(enabled: bool = True) -> Iterator[None]:
 
     :class:`BatchStatNorm2d` calls the native ``F.batch_norm`` (one read of the activation for
     both statistics; its double backward is correct outside ``vmap``, which
-    tests/test_learners.py checks with ``gradgradcheck``), and :class:`Conv4` max-pools
-    (:func:`max_pool2`) before the ReLU (equal, ReLU being monotone) so the ReLU touches a
-    quarter of the values.
+    tests/test_learners.py checks with ``gradgradcheck``), and :class:`Conv4` ends each block
+    with :func:`~.kernels.pool_relu` (max-pool, then ReLU: the folded teachers' block end too).
     """
     token = _FAST.set(enabled)
     try:
@@ -69,21 +69,6 @@ class BatchStatNorm2d(nn.BatchNorm2d):
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
         return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
-
-
-def max_pool2(x: torch.Tensor) -> torch.Tensor:
-    """2×2 max-pool with stride 2 of x (N, C, H, W), as ``nn.MaxPool2d(2)`` computes it.
-
-    On CPU the argmax of an NCHW x comes from the channels-last kernel (several times faster
-    than the NCHW one) and the values are gathered at it, so autograd, to any order, follows
-    the gather. A channels-last x (test-time adaptation) goes to that kernel directly.
-    """
-    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
-        return F.max_pool2d(x, 2)
-    n, c, h, w = x.shape
-    with torch.no_grad():
-        _, idx = F.max_pool2d(x.detach().contiguous(memory_format=torch.channels_last), 2, return_indices=True)
-    return x.flatten(2).gather(2, idx.contiguous().flatten(2)).view(n, c, h // 2, w // 2)
 
 
 def _bn(channels: int, track: bool) -> nn.BatchNorm2d:
@@ -115,8 +100,8 @@ class Conv4(nn.Module):
         if not _FAST.get():
             return self.body(x)
         blocks = list(self.body)
-        for conv, bn, relu, _pool in zip(*[iter(blocks[:-1])] * 4, strict=True):
-            x = relu(max_pool2(bn(conv(x))))
+        for conv, bn, _relu, _pool in zip(*[iter(blocks[:-1])] * 4, strict=True):
+            x = pool_relu(bn(conv(x)))
         return blocks[-1](x)
 
 

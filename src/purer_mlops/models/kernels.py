@@ -5,15 +5,17 @@
   in the fused conv4 scorer and the module scorer; ICFIL against the support's);
 - :func:`batch_stats`: those statistics in one pass (the fused conv4 scorer);
 - :func:`total_variation` and :class:`GroupTotalVariation`: the total-variation prior of a batch and
-  of a group of teachers' batches (one gradient buffer), over the same four neighbour differences.
+  of a group of teachers' batches (one gradient buffer), over the same four neighbour differences;
+- :func:`pool_relu` (with :func:`max_pool2`): the end of a conv4 block, in the meta-model's fast
+  forward (:mod:`.backbones`) and in the teachers' folded conv4 (:mod:`purer_mlops.meta.fused`).
 
-The meta-model's conv4 forward and batch-statistics BatchNorm live with the modules, in
-:mod:`.backbones` (``fast_forward``); the teachers' folded conv4 in :mod:`purer_mlops.meta.fused`.
+The meta-model's batch-statistics BatchNorm lives with the modules, in :mod:`.backbones`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -109,3 +111,25 @@ class GroupTotalVariation(torch.autograd.Function):
         return gx
 
 
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """2×2 max-pool with stride 2 of x (N, C, H, W), as ``nn.MaxPool2d(2)`` computes it.
+
+    On CPU the argmax of an NCHW x comes from the channels-last kernel (several times faster
+    than the NCHW one) and the values are gathered at it, so autograd, to any order, follows
+    the gather. A channels-last x (test-time adaptation) goes to that kernel directly.
+    """
+    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, 2)
+    n, c, h, w = x.shape
+    with torch.no_grad():
+        _, idx = F.max_pool2d(x.detach().contiguous(memory_format=torch.channels_last), 2, return_indices=True)
+    return x.flatten(2).gather(2, idx.contiguous().flatten(2)).view(n, c, h // 2, w // 2)
+
+
+def pool_relu(y: torch.Tensor) -> torch.Tensor:
+    """The end of a conv4 block on y (N, C, H, W): 2×2 max-pool (:func:`max_pool2`), then ReLU.
+
+    Equal to ReLU then max-pool, values and gradients (ReLU is monotone), with the ReLU on a quarter
+    of the values.
+    """
+    return F.relu(max_pool2(y))
