@@ -2,11 +2,13 @@
 tiny meta-training runs, opened in headless Chromium (Debian's `chromium` and
 `chromium-driver`; `.ci/run` installs them where it can, this module skips where it could not).
 
-Checked on the pages: the run page lists the val-accuracy metric and the logged model; its
-model-metrics tab draws the val-accuracy curve and the bank image series; the compare view
-holds both runs. Screenshots of the run page and the compare view go to ``tmp_path``, or to
-the folder in ``PURER_SCREENSHOTS`` (``PURER_SCREENSHOTS=docs/images pytest tests/test_browser.py``
-refreshes the ones in docs/tracking.md).
+Checked on the pages: the experiment opens in the model-training view (its runs, the Model
+registry; not the GenAI view's "Evaluation runs") at the address docs/tracking.md gives; the run
+page lists the val-accuracy metric and the logged model; its model-metrics tab draws the
+val-accuracy curve and the bank image series; the compare view holds both runs. Screenshots
+of the run page and the compare view go to ``tmp_path``, or to the folder in
+``PURER_SCREENSHOTS`` (``PURER_SCREENSHOTS=docs/images pytest tests/test_browser.py`` refreshes
+the ones in docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -86,13 +88,24 @@ def page_text(driver, url: str, *words: str) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
+# MLflow 3.17's UI picks its view from this query parameter (else the browser's last choice, GenAI
+# at first), not from the experiment's mlflow.experimentKind tag: docs/tracking.md gives it.
+MODEL_TRAINING = "?workflowType=machine_learning"
+
+
 def run_url(ui: str, store: dict, tab: str = "") -> str:
-    return f"{ui}/#/experiments/{store['experiment']}/runs/{store['runs'][0]}{tab}"
+    return f"{ui}/#/experiments/{store['experiment']}/runs/{store['runs'][0]}{tab}{MODEL_TRAINING}"
+
+
+def test_the_experiment_opens_in_the_model_training_view(ui, store, browser):
+    text = page_text(browser, f"{ui}/#/experiments/{store['experiment']}{MODEL_TRAINING}", "Model registry",
+                     "2 matching runs")
+    assert "Evaluation runs" not in text and "Observability" not in text  # the GenAI view's navigation
 
 
 def test_run_page_lists_val_accuracy_and_the_logged_model(ui, store, browser, shots):
     text = page_text(browser, run_url(ui, store), "val_accuracy", "Logged models", "meta_model")
-    assert "Training runs" in text  # the experiment is marked as model training
+    assert "Evaluation runs" not in text  # still the model-training view
     browser.save_screenshot(str(shots / "mlflow-run.png"))
 
 
