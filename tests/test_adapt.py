@@ -38,6 +38,7 @@ from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.models.learners import build_learner
 from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
+from purer_mlops.serve.ensemble import ensemble_accuracies
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -111,6 +112,14 @@ def test_adapt_serves_the_teachers_ensemble_of_the_comparison_table_by_default(a
     assert torch.allclose(got, probs.mean(0)[0], atol=2e-6)
     assert not torch.allclose(got, probs[0, 0], atol=1e-3)  # not one teacher's head
     assert summary["accuracy"] == pytest.approx(100.0 * accuracy.item(), abs=1e-4)
+
+
+def test_the_ensembles_accuracies_embedding_each_image_once_are_the_table_rows(adapt_project: Path) -> None:
+    test, tasks = metatest.fixed_test_tasks(adapt_params(episode_test=6), Project(adapt_project))
+    pool = load_pool(Project(adapt_project).teachers)
+    _, row = teacher_accuracies(pool, test, tasks)  # the teachers-ensemble row (registry's meta-val tag)
+    assert torch.equal(ensemble_accuracies(pool, test, tasks), row)
+    assert len(set(row.tolist())) > 1  # tasks that differ: not a constant
 
 
 def test_the_ensemble_refuses_icfil_and_a_missing_pool_in_one_line(adapt_project: Path, tmp_path: Path) -> None:

@@ -41,15 +41,19 @@ def sha256(path: Path) -> str:
 
 
 def link_test_metrics(client: Any, run_id: str, metrics_file: Path) -> None:
-    """Log a metatest run's accuracy again, linked to the logged model it evaluated (its parent
-    run's), so the model's page shows its meta-test accuracy beside its meta-val one."""
+    """Log a metatest run's accuracy again, linked to the logged meta-model it evaluated (its parent
+    run's ``meta_model``; the run's other model is the teachers' ensemble), so the model's page
+    shows its meta-test accuracy beside its meta-val one."""
     from mlflow.entities import Metric
+
+    from ..serve.logged_model import MODEL_NAME
 
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     if not parent or not metrics_file.is_file():
         return
     outputs = client.get_run(parent).outputs
-    models = list(outputs.model_outputs) if outputs else []
+    models = [m for m in (outputs.model_outputs if outputs else []) if client.get_logged_model(m.model_id).name
+              == MODEL_NAME]
     if not models:
         return
     values = json.loads(metrics_file.read_text())
