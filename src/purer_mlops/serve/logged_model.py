@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,21 @@ def _requirements() -> list[str]:
                                                     "tqdm", "pyyaml", "filelock")]
 
 
+@contextmanager
+def fluent_store(client: Any) -> Iterator[None]:
+    """MLflow's global tracking URI pointed at ``client``'s store for the block: the fluent API
+    logs there, and the registry finds a logged model through it (``MlflowClient()``), not through
+    the default ``./mlflow.db`` of the working directory (a queued DVC experiment's temporary copy)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def log_pyfunc(client: Any, run_id: str, name: str, artifacts: dict[str, Path], step: int,
                linked: dict[str, float], tags: dict[str, str]) -> str:
     """Log a pyfunc model ``name`` into the run: ``artifacts`` (artifact key → folder) loaded by
@@ -44,21 +61,17 @@ def log_pyfunc(client: Any, run_id: str, name: str, artifacts: dict[str, Path], 
     from . import mlflow_model
     from .pyfunc import example_frame, signature
 
-    previous = mlflow.get_tracking_uri()
-    # The fluent API is the one that logs a model into an existing run: point it at this
-    # run's store for the call only.
-    mlflow.set_tracking_uri(client.tracking_uri)
     quiet = os.environ.get(PROGRESS_BARS)
     os.environ[PROGRESS_BARS] = "false"  # MLflow's download bars, while it checks the input example
     try:
-        with mlflow.start_run(run_id=run_id):
+        # The fluent API is the one that logs a model into an existing run.
+        with fluent_store(client), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=mlflow_model.__file__, artifacts={k: str(v) for k, v in artifacts.items()},
                 code_paths=[str(Path(purer_mlops.__file__).parent)], signature=signature(),
                 input_example=example_frame(), pip_requirements=_requirements(), step=step,
                 model_type=MODEL_TYPE, tags=tags)
     finally:
-        mlflow.set_tracking_uri(previous)
         if quiet is None:
             os.environ.pop(PROGRESS_BARS, None)
         else:

@@ -22,7 +22,7 @@ from typing import Any
 from ..config import Params
 from ..paths import Project
 from .ensemble import KIND as ENSEMBLE
-from .logged_model import log_meta_model, log_teachers_ensemble
+from .logged_model import fluent_store, log_meta_model, log_teachers_ensemble
 
 CHAMPION, BASELINE = "champion", "baseline"
 META_MODEL = "meta-model"
@@ -60,8 +60,9 @@ def register(client: Any, name: str, model_id: str, run_id: str, kind: str, val_
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                                          tags={TAG_KIND: kind, TAG_VAL: f"{val_accuracy:.4f}"})
+    with fluent_store(client):
+        version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                              tags={TAG_KIND: kind, TAG_VAL: f"{val_accuracy:.4f}"})
     return str(version.version)
 
 
