@@ -51,6 +51,7 @@ from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.models.learners import build_learner
 from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
+from purer_mlops.serve import registry
 from purer_mlops.serve.pyfunc import IMAGE_ROOT
 from purer_mlops.serve.registry import TAG_KIND, TAG_VAL, registered_name
 from purer_mlops.stages.metatrain import log_selected_model
@@ -122,6 +123,18 @@ def test_the_logged_pyfunc_model_predicts_what_metatest_predicts(adapt_project, 
     assert torch.allclose(probabilities(ensemble.predict(task_frame(support, query))), heads.mean(0)[0].double(),
                           atol=2e-6)
     check_registry(mlflow.MlflowClient(uri), tracker.run_id, metrics)
+
+    # a second run on the same pool and meta-val tasks reads the ensemble's accuracy from the registry
+    def scored_again(*_):
+        raise AssertionError("the ensemble was scored on meta-val again")
+
+    monkeypatch.setattr(registry, "ensemble_val_accuracy", scored_again)
+    with open_tracker(params, "metatrain", root) as again:
+        log_selected_model(again, params, Project(root), metrics)
+    check_registry(mlflow.MlflowClient(uri), again.run_id, metrics)
+    ensembles = [v for v in mlflow.MlflowClient(uri).search_model_versions(f"name = '{registered_name('glyphs')}'")
+                 if v.tags[TAG_KIND] == "teachers-ensemble"]
+    assert len(ensembles) == 2 and len({(v.tags[TAG_VAL], v.tags[registry.TAG_KEY]) for v in ensembles}) == 1
 
 
 def check_registry(client, run_id: str, metrics: dict) -> None:

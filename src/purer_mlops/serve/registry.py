@@ -12,14 +12,20 @@ head, the ensemble's nearest-prototype heads). Then it moves two aliases:
   latest on a tie): the model to serve;
 - ``@baseline``: the meta-model of this run: PURER's data-free meta-model, the one to compare with.
 
-An oracle run (meta-trained on real images, not data-free) logs its meta-model and registers nothing.
+Scoring the ensemble on meta-val (:func:`ensemble_val_accuracy`) is done once per pool, meta-val
+split and task knobs: a later run with the same :func:`val_key` (a sweep over meta-training
+knobs) reads the accuracy from the version registered before. An oracle run (meta-trained on
+real images, not data-free) logs its meta-model and registers nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from ..config import Params
+from ..meta.heads import FORM, SCALE
 from ..paths import Project
 from .ensemble import KIND as ENSEMBLE
 from .logged_model import fluent_store, log_meta_model, log_teachers_ensemble
@@ -28,6 +34,7 @@ CHAMPION, BASELINE = "champion", "baseline"
 META_MODEL = "meta-model"
 TAG_KIND = "purer.model"
 TAG_VAL = "purer.val_accuracy"
+TAG_KEY = "purer.val_key"  # hash of what an ensemble's meta-val accuracy depends on (:func:`val_key`)
 
 
 def registered_name(dataset: str) -> str:
@@ -51,8 +58,31 @@ def ensemble_val_accuracy(params: Params, project: Project) -> float | None:
     return 100.0 * float(ensemble_accuracies(pool, val, meta_val_tasks(params, val, params.num_sup_test)).mean())
 
 
-def register(client: Any, name: str, model_id: str, run_id: str, kind: str, val_accuracy: float) -> str:
-    """Register the logged model ``model_id`` as a new version of ``name`` (created when new); its version."""
+def val_key(client: Any, run_id: str, params: Params) -> str | None:
+    """What the ensemble's meta-val accuracy depends on, hashed: the digests of the run's teachers
+    and meta-val inputs (DVC's hashes) and the knobs that draw meta-training's meta-val tasks; None
+    when the run lacks either input."""
+    inputs = {d.dataset.name: d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
+    digests = [inputs.get("teachers"), inputs.get(f"{params.dataset}/meta_val")]
+    if None in digests:
+        return None
+    spec = [*digests, params.metatrain.val_episodes, params.way_test, params.num_sup_test, params.num_qur_test,
+            params.seed, FORM, SCALE]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def known_val_accuracy(client: Any, name: str, key: str | None) -> float | None:
+    """The meta-val accuracy a registered ensemble version of ``name`` already carries for ``key``."""
+    if key is None:
+        return None
+    versions = client.search_model_versions(f"name = '{name}'")
+    return next((float(v.tags[TAG_VAL]) for v in versions if v.tags.get(TAG_KEY) == key and TAG_VAL in v.tags), None)
+
+
+def register(client: Any, name: str, model_id: str, run_id: str, kind: str, val_accuracy: float,
+             key: str | None = None) -> str:
+    """Register the logged model ``model_id`` as a new version of ``name`` (created when new), tagged
+    with its kind, meta-val accuracy and (an ensemble) :func:`val_key`; its version."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -62,7 +92,8 @@ def register(client: Any, name: str, model_id: str, run_id: str, kind: str, val_
             raise
     with fluent_store(client):
         version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                                              tags={TAG_KIND: kind, TAG_VAL: f"{val_accuracy:.4f}"})
+                                              tags={TAG_KIND: kind, TAG_VAL: f"{val_accuracy:.4f}",
+                                                    **({TAG_KEY: key} if key else {})})
     return str(version.version)
 
 
@@ -84,9 +115,11 @@ def log_served_models(client: Any, run_id: str, params: Params, project: Project
         return ""
     name = registered_name(params.dataset)
     baseline = register(client, name, model_id, run_id, META_MODEL, float(metrics["best_val_accuracy"]))
-    val = ensemble_val_accuracy(params, project)
+    key = val_key(client, run_id, params)
+    val = known_val_accuracy(client, name, key)
+    val = ensemble_val_accuracy(params, project) if val is None else val
     if val is not None:
         ensemble_id = log_teachers_ensemble(client, run_id, project.teachers, val,
                                             int(metrics.get("best_iteration", 0)))
-        register(client, name, ensemble_id, run_id, ENSEMBLE, val)
+        register(client, name, ensemble_id, run_id, ENSEMBLE, val, key)
     return set_aliases(client, name, baseline)
