@@ -122,12 +122,16 @@ def test_the_ensembles_accuracies_embedding_each_image_once_are_the_table_rows(a
     assert len(set(row.tolist())) > 1  # tasks that differ: not a constant
 
 
-def test_the_ensemble_refuses_icfil_and_a_missing_pool_in_one_line(adapt_project: Path, tmp_path: Path) -> None:
+def test_the_ensemble_refuses_icfil_and_a_missing_pool_in_one_line_and_takes_a_pool_folder(
+        adapt_project: Path, tmp_path: Path) -> None:
     support, query = good_task(tmp_path)
     icfil = run_purer(adapt_project, "adapt", str(support), str(query), "--icfil", "--quiet")
     check_one_error_line(icfil, "ICFIL", "--model meta-model")
-    missing = run_purer(adapt_project, "adapt", str(support), str(query), "--teachers", str(tmp_path / "none"))
-    check_one_error_line(missing, "none", "pool.json", "--teachers")
+    missing = run_purer(tmp_path, "adapt", str(support), str(query))  # no models/teachers here
+    check_one_error_line(missing, "models/teachers", "pool.json", "--model <folder>")
+    pool = run_purer(tmp_path, "adapt", str(support), str(query), "--model", str(adapt_project / "models" / "teachers"),
+                     "--out", str(tmp_path / "p.csv"), "--quiet")  # a pool named by its folder
+    assert pool.returncode == 0 and json.loads(pool.stdout)["model"] == "teachers-ensemble", pool.stderr
     assert not (adapt_project / "predictions.csv").exists()
 
 
@@ -226,7 +230,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(adapt_project: Path, t
     spoil, words = BAD[case]
     spoil(support, query, models)
     out_file = tmp_path / "p.csv"
-    proc = run_purer(adapt_project, "adapt", str(support), str(query), "--model", "meta-model", "--meta-model",
-                     str(models / "best"), "--out", str(out_file), "--quiet")
+    proc = run_purer(adapt_project, "adapt", str(support), str(query), "--model", str(models / "best"), "--out",
+                     str(out_file), "--quiet")
     check_one_error_line(proc, *words)
     assert not out_file.exists()

@@ -51,11 +51,11 @@ from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.models.learners import build_learner
 from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
-from purer_mlops.serve import registry
+from purer_mlops.serve import logged_model, registry
 from purer_mlops.serve.pyfunc import IMAGE_ROOT
 from purer_mlops.serve.registry import TAG_KIND, TAG_VAL, registered_name
 from purer_mlops.stages.metatrain import log_selected_model
-from purer_mlops.tracking import open_tracker
+from purer_mlops.tracking import open_tracker, outputs
 from purer_mlops.tracking.inputs import dvc_md5
 
 DVC_ENV = ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "MLFLOW_TRACKING_URI")
@@ -176,6 +176,10 @@ def server_runs(adapt_project, tmp_path_factory) -> Iterator[dict]:
             out = run_purer(root, stage, "--quiet", env=env)
             assert out.returncode == 0, out.stderr[-3000:]
         yield {"root": root, "uri": base, "tmp": tmp}
+
+
+def test_tracking_links_test_metrics_to_the_logged_meta_model_by_its_name():
+    assert outputs.META_MODEL == logged_model.MODEL_NAME
 
 
 def meta_models(client, experiment_id: str) -> list:

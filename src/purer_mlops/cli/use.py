@@ -32,16 +32,23 @@ def csv_text(columns: dict[str, list]) -> str:
     return out.getvalue()
 
 
+def model_files(model: str) -> tuple[str, Path]:
+    """``--model``: the kind (:data:`MODELS`) and its files, a pool's folder or a meta-model's stem."""
+    if model in MODELS:
+        return model, DEFAULT_TEACHERS if model == MODELS[0] else DEFAULT_MODEL
+    path = Path(model)
+    if (path / "pool.json").is_file():
+        return MODELS[0], path
+    return MODELS[1], path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
 @click.command()
 @click.argument("support", type=click.Path(path_type=Path))
 @click.argument("query", type=click.Path(path_type=Path))
-@click.option("--model", "kind", type=click.Choice(MODELS), default=MODELS[0], show_default=True,
-              help="teachers-ensemble: the pool's teachers, nearest prototype, one forward pass per teacher "
-                   "(the most accurate); meta-model: the meta-model adapted to the support.")
-@click.option("--meta-model", "model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True,
-              help="With --model meta-model: <META_MODEL>.safetensors and its card <META_MODEL>.json.")
-@click.option("--teachers", type=click.Path(path_type=Path), default=DEFAULT_TEACHERS, show_default=True,
-              help="With --model teachers-ensemble: the pool's folder (pool.json, teacher_*.safetensors).")
+@click.option("--model", default=MODELS[0], show_default=True,
+              help="teachers-ensemble: the pool's teachers (models/teachers), nearest prototype, one forward pass "
+                   "per teacher (the most accurate); meta-model: models/meta/best adapted to the support; or a "
+                   "path: a pool's folder (holding pool.json), or a meta-model <MODEL>(.safetensors, its card .json).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
               show_default=True, help="The predictions CSV: file, (label), predicted, prob_<class>...")
 @click.option("--icfil", is_flag=True,
@@ -52,8 +59,8 @@ def csv_text(columns: dict[str, list]) -> str:
 @click.option("--batch-size", type=click.IntRange(min=0), default=0, show_default=True,
               help="Query images per batch; 0: the card's query_batch (a meta-test query set's size).")
 @QUIET
-def adapt(support: Path, query: Path, kind: str, model: Path, teachers: Path, out: Path, icfil: bool,
-          params_path: Path | None, batch_size: int, quiet: bool) -> None:
+def adapt(support: Path, query: Path, model: str, out: Path, icfil: bool, params_path: Path | None,
+          batch_size: int, quiet: bool) -> None:
     """Label the images of QUERY from the labelled images of SUPPORT.
 
     \b
@@ -74,9 +81,9 @@ def adapt(support: Path, query: Path, kind: str, model: Path, teachers: Path, ou
     from ..serve.images import read_task
 
     task = read_task(support, query)
-    stem = model.with_suffix("") if model.suffix in (".safetensors", ".json") else model
+    kind, path = model_files(model)
     device = pick_device("auto")
-    served = load_ensemble(teachers, device) if kind == MODELS[0] else load_meta_model(stem, device)
+    served = load_ensemble(path, device) if kind == MODELS[0] else load_meta_model(path, device)
     settings = None
     if icfil:
         path = params_path or Path("params.yaml")

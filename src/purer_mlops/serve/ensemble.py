@@ -71,7 +71,7 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu") -> TeachersE
     teachers of different image sizes or normalisations are refused (one task cannot feed them all)."""
     if not (Path(folder) / "pool.json").is_file():
         raise UserError(f"teacher pool {folder} not found (no pool.json): run `dvc repro pretrain` (or `purer "
-                        "pretrain`), or give the pool's folder with --teachers.")
+                        "pretrain`), or give the pool's folder (`purer adapt --model <folder>`).")
     pool = [(record, model.to(device).eval()) for record, model in load_pool(Path(folder), device)]
     if not pool:
         raise UserError(f"teacher pool {folder} holds no teacher: re-run `purer pretrain`.")

@@ -13,6 +13,9 @@ from ..paths import Project
 # Stages that evaluate the meta-model: their runs are nested under the run that trained it.
 READS_META_MODEL = ("metatest", "compare")
 
+# The logged meta-model's name: serve.logged_model.MODEL_NAME (tracking imports no domain room).
+META_MODEL = "meta_model"
+
 
 def stage_artifacts(project: Project, stage: str) -> dict[str, tuple[Path, ...]]:
     """Files a finished stage leaves that its run keeps, per artifact folder."""
@@ -46,14 +49,12 @@ def link_test_metrics(client: Any, run_id: str, metrics_file: Path) -> None:
     shows its meta-test accuracy beside its meta-val one."""
     from mlflow.entities import Metric
 
-    from ..serve.logged_model import MODEL_NAME
-
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     if not parent or not metrics_file.is_file():
         return
     outputs = client.get_run(parent).outputs
     models = [m for m in (outputs.model_outputs if outputs else []) if client.get_logged_model(m.model_id).name
-              == MODEL_NAME]
+              == META_MODEL]
     if not models:
         return
     values = json.loads(metrics_file.read_text())
