@@ -37,6 +37,7 @@ from conftest import (
     adapt_params,
     adapt_raw,
     background,
+    check_one_error_line,
     copy_project,
     free_port,
     lay_out_task,
@@ -176,6 +177,12 @@ def server_runs(adapt_project, tmp_path_factory) -> Iterator[dict]:
             out = run_purer(root, stage, "--quiet", env=env)
             assert out.returncode == 0, out.stderr[-3000:]
         yield {"root": root, "uri": base, "tmp": tmp}
+
+
+def test_purer_ui_refuses_a_server_store_in_one_line(tmp_path):
+    write_yaml(tmp_path, adapt_raw())
+    proc = run_purer(tmp_path, "ui", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    check_one_error_line(proc, "MLflow server at http://127.0.0.1:9", "/#/experiments?workflowType=machine_learning")
 
 
 def test_tracking_links_test_metrics_to_the_logged_meta_model_by_its_name():
