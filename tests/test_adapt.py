@@ -1,6 +1,10 @@
-"""`purer adapt`: the meta-model adapted to a user's task from image folders.
+"""`purer adapt`: a user's task from image folders, labelled by the teachers' ensemble (the
+default) or the meta-model adapted to it.
 
-- on a meta_test task of 5 classes, 1 and 5 shots, 15 queries per class, laid out as folders,
+- by default, on a meta_test task: the probabilities and accuracy of the comparison table's
+  ``teachers-ensemble`` row (meta/baselines' computation); ICFIL or a missing pool with the
+  ensemble: one line, exit 2;
+- with the meta-model, on a meta_test task of 5 classes, 1 and 5 shots, 15 queries per class, laid out as folders,
   the command gives exactly the predictions and the accuracy of the metatest code path;
 - with ICFIL, the predictions of metatest's ICFIL on that task;
 - a flat query folder in small batches: every image gets one row, probabilities sum to 1, and
@@ -26,11 +30,15 @@ from conftest import QUERY, adapt_params, adapt_raw, check_one_error_line, lay_o
 from PIL import Image
 
 from purer_mlops.meta import scoring as metatest
+from purer_mlops.meta.baselines import teacher_accuracies
 from purer_mlops.meta.checkpoint import load_model
+from purer_mlops.meta.heads import frozen_embed, head_probs
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.models.learners import build_learner
+from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
+from purer_mlops.serve.ensemble import ensemble_accuracies
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -44,7 +52,8 @@ def test_adapt_gives_the_metatest_predictions_and_accuracy(adapt_project: Path, 
     test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project), shot)
     support, query = lay_out_task(test, tasks[0], tmp_path)
 
-    out = run_purer(adapt_project, "adapt", str(support), str(query), "--out", str(tmp_path / "p.csv"), "--quiet")
+    out = run_purer(adapt_project, "adapt", str(support), str(query), "--model", "meta-model", "--out",
+                    str(tmp_path / "p.csv"), "--quiet")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     rows = read_rows(tmp_path / "p.csv")
@@ -70,7 +79,7 @@ def test_adapt_with_icfil_gives_the_metatest_icfil_predictions(adapt_project: Pa
     write_yaml(tmp_path, adapt_raw(**{"calibration.inversion_steps": 2}))
     test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project))
     support, query = lay_out_task(test, tasks[0], tmp_path / "task")
-    out = run_purer(adapt_project, "adapt", str(support), str(query), "--icfil", "--params",
+    out = run_purer(adapt_project, "adapt", str(support), str(query), "--model", "meta-model", "--icfil", "--params",
                     str(tmp_path / "params.yaml"), "--out", str(tmp_path / "p.csv"), "--quiet")
     assert out.returncode == 0, out.stderr
     model, _ = load_model(Project(adapt_project).meta.best)
@@ -83,6 +92,47 @@ def test_adapt_with_icfil_gives_the_metatest_icfil_predictions(adapt_project: Pa
     got = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in rows])
     assert json.loads(out.stdout)["icfil"] is True
     assert torch.allclose(got, probs, atol=2e-6)
+
+
+def test_adapt_serves_the_teachers_ensemble_of_the_comparison_table_by_default(adapt_project: Path,
+                                                                               tmp_path: Path) -> None:
+    params = adapt_params(episode_test=1)
+    test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project))
+    support, query = lay_out_task(test, tasks[0], tmp_path / "task")
+    out = run_purer(adapt_project, "adapt", str(support), str(query), "--out", str(tmp_path / "p.csv"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    pool = load_pool(Project(adapt_project).teachers)
+    # the teachers-ensemble row's computation (meta/baselines): its heads' probabilities, their mean
+    probs, _ = head_probs([frozen_embed(m.eval()) for _, m in pool], test, tasks)  # (N, 1, Q, way)
+    _, accuracy = teacher_accuracies(pool, test, tasks)
+    names = sorted(p.name for p in support.iterdir())
+    got = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in read_rows(tmp_path / "p.csv")])
+    assert summary["model"] == "teachers-ensemble" and summary["teachers"] == len(pool) == 2
+    assert torch.allclose(got, probs.mean(0)[0], atol=2e-6)
+    assert not torch.allclose(got, probs[0, 0], atol=1e-3)  # not one teacher's head
+    assert summary["accuracy"] == pytest.approx(100.0 * accuracy.item(), abs=1e-4)
+
+
+def test_the_ensembles_accuracies_embedding_each_image_once_are_the_table_rows(adapt_project: Path) -> None:
+    test, tasks = metatest.fixed_test_tasks(adapt_params(episode_test=6), Project(adapt_project))
+    pool = load_pool(Project(adapt_project).teachers)
+    _, row = teacher_accuracies(pool, test, tasks)  # the teachers-ensemble row (registry's meta-val tag)
+    assert torch.equal(ensemble_accuracies(pool, test, tasks), row)
+    assert len(set(row.tolist())) > 1  # tasks that differ: not a constant
+
+
+def test_the_ensemble_refuses_icfil_and_a_missing_pool_in_one_line_and_takes_a_pool_folder(
+        adapt_project: Path, tmp_path: Path) -> None:
+    support, query = good_task(tmp_path)
+    icfil = run_purer(adapt_project, "adapt", str(support), str(query), "--icfil", "--quiet")
+    check_one_error_line(icfil, "ICFIL", "--model meta-model")
+    missing = run_purer(tmp_path, "adapt", str(support), str(query))  # no models/teachers here
+    check_one_error_line(missing, "models/teachers", "pool.json", "--model <folder>")
+    pool = run_purer(tmp_path, "adapt", str(support), str(query), "--model", str(adapt_project / "models" / "teachers"),
+                     "--out", str(tmp_path / "p.csv"), "--quiet")  # a pool named by its folder
+    assert pool.returncode == 0 and json.loads(pool.stdout)["model"] == "teachers-ensemble", pool.stderr
+    assert not (adapt_project / "predictions.csv").exists()
 
 
 def test_a_flat_query_in_small_batches_gets_one_row_per_image(adapt_project: Path, tmp_path: Path) -> None:

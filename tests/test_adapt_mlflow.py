@@ -9,6 +9,11 @@
   method;
 - ``mlflow models serve`` on 127.0.0.1 answers one task over HTTP with the in-process predictions,
   after refusing, in one line with HTTP 400, a request that names a file on the server;
+- both models of a meta-training run (the meta-model, the teachers' ensemble) are versions of the
+  registered model ``purer-glyphs``, ``@baseline`` the meta-model and ``@champion`` the better on
+  meta-val; ``mlflow models serve -m models:/purer-glyphs@champion`` answers a task over HTTP with
+  `purer adapt`'s probabilities (the champion's kind), and the logged ensemble predicts what the
+  comparison table's ``teachers-ensemble`` row computes;
 - ``purer serve`` refuses a body over its bound (413) or without a length (411) before reading
   it, and answers the next task as ``mlflow models serve`` does.
 """
@@ -32,6 +37,7 @@ from conftest import (
     adapt_params,
     adapt_raw,
     background,
+    check_one_error_line,
     copy_project,
     free_port,
     lay_out_task,
@@ -41,12 +47,16 @@ from conftest import (
 
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.checkpoint import load_model
+from purer_mlops.meta.heads import frozen_embed, head_probs
 from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.models.learners import build_learner
+from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
+from purer_mlops.serve import logged_model, registry
 from purer_mlops.serve.pyfunc import IMAGE_ROOT
+from purer_mlops.serve.registry import TAG_KIND, TAG_VAL, registered_name
 from purer_mlops.stages.metatrain import log_selected_model
-from purer_mlops.tracking import open_tracker
+from purer_mlops.tracking import open_tracker, outputs
 from purer_mlops.tracking.inputs import dvc_md5
 
 DVC_ENV = ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "MLFLOW_TRACKING_URI")
@@ -96,7 +106,7 @@ def test_the_logged_pyfunc_model_predicts_what_metatest_predicts(adapt_project, 
     params = adapt_params(tracking=True, experiment_name="pyfunc")
     metrics = json.loads((adapt_project / "results" / "metatrain" / "metrics.json").read_text())
     with open_tracker(params, "metatrain", root) as tracker:
-        log_selected_model(tracker, Project(root).meta.best, metrics)
+        log_selected_model(tracker, params, Project(root), metrics)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/meta_model")
     expected, support, query = metatest_probabilities(root, shot=5)
@@ -105,6 +115,40 @@ def test_the_logged_pyfunc_model_predicts_what_metatest_predicts(adapt_project, 
     assert list(out["row"]) == list(range(25, 100))  # the query rows come after 25 support rows
     assert (out["predicted"] == out["label"]).mean() == pytest.approx(
         (expected.argmax(1) == torch.arange(5).repeat_interleave(15)).float().mean().item())
+
+    # the teachers' ensemble, logged beside it: the comparison table's teachers-ensemble row
+    ensemble = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/teachers_ensemble")
+    pool = load_pool(Project(root).teachers)
+    test, tasks = metatest.fixed_test_tasks(adapt_params(num_sup_test=5, episode_test=1), Project(root), 5)
+    heads, _ = head_probs([frozen_embed(m.eval()) for _, m in pool], test, tasks)  # (N, 1, Q, way)
+    assert torch.allclose(probabilities(ensemble.predict(task_frame(support, query))), heads.mean(0)[0].double(),
+                          atol=2e-6)
+    check_registry(mlflow.MlflowClient(uri), tracker.run_id, metrics)
+
+    # a second run on the same pool and meta-val tasks reads the ensemble's accuracy from the registry
+    def scored_again(*_):
+        raise AssertionError("the ensemble was scored on meta-val again")
+
+    monkeypatch.setattr(registry, "ensemble_val_accuracy", scored_again)
+    with open_tracker(params, "metatrain", root) as again:
+        log_selected_model(again, params, Project(root), metrics)
+    check_registry(mlflow.MlflowClient(uri), again.run_id, metrics)
+    ensembles = [v for v in mlflow.MlflowClient(uri).search_model_versions(f"name = '{registered_name('glyphs')}'")
+                 if v.tags[TAG_KIND] == "teachers-ensemble"]
+    assert len(ensembles) == 2 and len({(v.tags[TAG_VAL], v.tags[registry.TAG_KEY]) for v in ensembles}) == 1
+
+
+def check_registry(client, run_id: str, metrics: dict) -> None:
+    """Both models of the run are versions of purer-glyphs; @baseline is the meta-model, @champion
+    the version with the best meta-val accuracy."""
+    name = registered_name("glyphs")
+    versions = {v.tags[TAG_KIND]: v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id}
+    assert set(versions) == {"meta-model", "teachers-ensemble"}
+    assert float(versions["meta-model"].tags[TAG_VAL]) == pytest.approx(metrics["best_val_accuracy"], abs=1e-4)
+    baseline, champion = (client.get_model_version_by_alias(name, alias) for alias in ("baseline", "champion"))
+    assert baseline.version == versions["meta-model"].version
+    best = max(versions.values(), key=lambda v: float(v.tags[TAG_VAL]))
+    assert champion.version == best.version
 
 
 COMPARE = {"compare": {"methods": ["random", "purer"], "shots": [1]}, "episode_test": 2}
@@ -135,6 +179,21 @@ def server_runs(adapt_project, tmp_path_factory) -> Iterator[dict]:
         yield {"root": root, "uri": base, "tmp": tmp}
 
 
+def test_purer_ui_refuses_a_server_store_in_one_line(tmp_path):
+    write_yaml(tmp_path, adapt_raw())
+    proc = run_purer(tmp_path, "ui", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    check_one_error_line(proc, "MLflow server at http://127.0.0.1:9", "/#/experiments?workflowType=machine_learning")
+
+
+def test_tracking_links_test_metrics_to_the_logged_meta_model_by_its_name():
+    assert outputs.META_MODEL == logged_model.MODEL_NAME
+
+
+def meta_models(client, experiment_id: str) -> list:
+    """The experiment's logged meta-models (each meta-training run also logs the teachers' ensemble)."""
+    return [m for m in client.search_logged_models(experiment_ids=[experiment_id]) if m.name == "meta_model"]
+
+
 def runs_by_stage(client, experiment_id: str) -> dict[str, list]:
     out: dict[str, list] = {}
     for run in client.search_runs([experiment_id]):
@@ -153,14 +212,15 @@ def test_the_server_holds_model_metrics_datasets_and_child_runs(server_runs):
     (train,) = runs["metatrain"]
     metrics = json.loads((server_runs["root"] / "results" / "metatrain" / "metrics.json").read_text())
 
-    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    (model,) = meta_models(client, experiment.experiment_id)
     assert model.source_run_id == train.info.run_id and model.name == "meta_model"
     linked = {m.key: m for m in model.metrics}
     assert linked["best_val_accuracy"].value == pytest.approx(metrics["best_val_accuracy"])
     assert linked["best_val_accuracy"].step == metrics["best_iteration"]
     tested = json.loads((server_runs["root"] / "results" / "metatest" / "metrics.json").read_text())
     assert linked["test_accuracy"].value == pytest.approx(tested["accuracy"])  # from the metatest run
-    assert [(o.model_id, o.step) for o in train.outputs.model_outputs] == [(model.model_id, metrics["best_iteration"])]
+    outputs = [(o.model_id, o.step) for o in train.outputs.model_outputs]
+    assert len(outputs) == 2 and (model.model_id, metrics["best_iteration"]) in outputs  # and the ensemble
 
     inputs = {d.dataset.name: d for d in train.inputs.dataset_inputs}
     assert set(inputs) == {"teachers", "glyphs/meta_val"}
@@ -183,7 +243,7 @@ def test_mlflow_models_serve_answers_a_task_over_http(server_runs):
 
     client = MlflowClient(server_runs["uri"])
     experiment = client.get_experiment_by_name("served")
-    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    (model,) = meta_models(client, experiment.experiment_id)
     root, tmp = server_runs["root"], server_runs["tmp"]
     expected, support, query = metatest_probabilities(root)
     frame = task_frame(support, query, support_by_path=False)
@@ -202,6 +262,31 @@ def test_mlflow_models_serve_answers_a_task_over_http(server_runs):
     assert torch.allclose(probabilities(answer), expected.double(), atol=2e-6)
 
 
+@pytest.mark.slow
+def test_the_champion_alias_serves_what_purer_adapt_answers_over_http(server_runs):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server_runs["uri"])
+    (train,) = runs_by_stage(client, client.get_experiment_by_name("served").experiment_id)["metatrain"]
+    metrics = json.loads((server_runs["root"] / "results" / "metatrain" / "metrics.json").read_text())
+    check_registry(client, train.info.run_id, metrics)
+    name = registered_name("glyphs")
+    kind = client.get_model_version_by_alias(name, "champion").tags[TAG_KIND]
+    root, tmp = server_runs["root"], server_runs["tmp"]
+    _, support, query = metatest_probabilities(root)
+    adapted = run_purer(root, "adapt", str(support), str(query), "--model", kind, "--out", str(tmp / "adapt.csv"),
+                        "--quiet")
+    assert adapted.returncode == 0, adapted.stderr
+    port = free_port()
+    with background([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
+                     "local", "--host", "127.0.0.1", "--port", str(port)], f"http://127.0.0.1:{port}/ping",
+                    tmp / "serve-champion.log", env={"MLFLOW_TRACKING_URI": server_runs["uri"]}, cwd=tmp):
+        status, answer = post_task(port, task_frame(support, query, support_by_path=False))
+    assert status == 200
+    assert torch.allclose(probabilities(pd.DataFrame(answer["predictions"])),
+                          probabilities(pd.read_csv(tmp / "adapt.csv")), atol=2e-6)
+
+
 def post_task(port: int, frame: pd.DataFrame) -> tuple[int, dict]:
     """POST the task to a served model on 127.0.0.1: HTTP status and the JSON answer."""
     body = {"dataframe_split": {"columns": list(frame.columns), "data": [
@@ -215,8 +300,7 @@ def test_purer_serve_bounds_the_request_before_reading_it(server_runs):
     from mlflow import MlflowClient
 
     client = MlflowClient(server_runs["uri"])
-    (model,) = client.search_logged_models(
-        experiment_ids=[client.get_experiment_by_name("served").experiment_id])
+    (model,) = meta_models(client, client.get_experiment_by_name("served").experiment_id)
     root, tmp = server_runs["root"], server_runs["tmp"]
     expected, support, query = metatest_probabilities(root)
     port = free_port()

@@ -1,21 +1,26 @@
-"""A look at the MLflow UI as a user gets it: `mlflow ui` on 127.0.0.1 over the store of two
+"""A look at the MLflow UI as a user gets it: `purer ui` (`mlflow ui`) on 127.0.0.1 over the store of two
 tiny meta-training runs, opened in headless Chromium (Debian's `chromium` and
 `chromium-driver`; `.ci/run` installs them where it can, this module skips where it could not).
 
-Checked on the pages: the run page lists the val-accuracy metric and the logged model; its
-model-metrics tab draws the val-accuracy curve and the bank image series; the compare view
-holds both runs. Screenshots of the run page and the compare view go to ``tmp_path``, or to
-the folder in ``PURER_SCREENSHOTS`` (``PURER_SCREENSHOTS=docs/images pytest tests/test_browser.py``
-refreshes the ones in docs/tracking.md).
+Checked on the pages: the experiment opens in the model-training view (its runs, the Model
+registry; not the GenAI view's "Evaluation runs") at the address `purer ui` prints; the run
+page lists the val-accuracy metric and the logged model; its model-metrics tab draws the
+val-accuracy curve and the bank image series; the compare view holds both runs. Screenshots
+of the run page and the compare view go to ``tmp_path``, or to the folder in
+``PURER_SCREENSHOTS`` (``PURER_SCREENSHOTS=docs/images pytest tests/test_browser.py`` refreshes
+the ones in docs/tracking.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 from conftest import BIN, background, copy_project, free_port, run_purer, tiny_raw, write_yaml
+
+from purer_mlops.tracking.store import MODEL_TRAINING_VIEW
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
@@ -48,10 +53,9 @@ def store(tmp_path_factory, pool_project) -> dict:
 
 @pytest.fixture(scope="module")
 def ui(store) -> str:
-    """`mlflow ui` on a free 127.0.0.1 port; its base URL."""
+    """`purer ui` (`mlflow ui` on the project's store) on a free 127.0.0.1 port; its base URL."""
     url = f"http://127.0.0.1:{free_port()}"
-    cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{store['root'] / 'mlflow.db'}",
-           "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
+    cmd = [str(BIN / "purer"), "ui", "--port", url.rsplit(":", 1)[1]]
     with background(cmd, f"{url}/health", store["root"] / "ui.log", cwd=store["root"]):
         yield url
 
@@ -86,13 +90,23 @@ def page_text(driver, url: str, *words: str) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
+MODEL_TRAINING = f"?{MODEL_TRAINING_VIEW}"  # what `purer ui` prints: MLflow 3.17 picks the view from it
+
+
 def run_url(ui: str, store: dict, tab: str = "") -> str:
-    return f"{ui}/#/experiments/{store['experiment']}/runs/{store['runs'][0]}{tab}"
+    return f"{ui}/#/experiments/{store['experiment']}/runs/{store['runs'][0]}{tab}{MODEL_TRAINING}"
+
+
+def test_purer_ui_opens_the_experiment_in_the_model_training_view(ui, store, browser):
+    printed = re.search(r"open (\S+)", (store["root"] / "ui.log").read_text()).group(1)
+    assert printed == f"{ui}/#/experiments/{store['experiment']}{MODEL_TRAINING}"
+    text = page_text(browser, printed, "Model registry", "2 matching runs")
+    assert "Evaluation runs" not in text and "Observability" not in text  # the GenAI view's navigation
 
 
 def test_run_page_lists_val_accuracy_and_the_logged_model(ui, store, browser, shots):
     text = page_text(browser, run_url(ui, store), "val_accuracy", "Logged models", "meta_model")
-    assert "Training runs" in text  # the experiment is marked as model training
+    assert "Evaluation runs" not in text  # still the model-training view
     browser.save_screenshot(str(shots / "mlflow-run.png"))
 
 

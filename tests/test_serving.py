@@ -29,9 +29,9 @@ from purer_mlops.serve.adapt import load_meta_model
 
 
 @pytest.fixture(scope="module")
-def served(adapt_project: Path) -> pyfunc.MetaModelPyfunc:
-    model = pyfunc.MetaModelPyfunc()
-    model.meta = load_meta_model(Project(adapt_project).meta.best)
+def served(adapt_project: Path) -> pyfunc.FewShotPyfunc:
+    model = pyfunc.FewShotPyfunc()
+    model.model = load_meta_model(Project(adapt_project).meta.best)
     return model
 
 
@@ -57,7 +57,7 @@ def png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def refusal(model: pyfunc.MetaModelPyfunc, table: pd.DataFrame, params: dict | None = None) -> str:
+def refusal(model: pyfunc.FewShotPyfunc, table: pd.DataFrame, params: dict | None = None) -> str:
     """The one line a refused request answers with (and the HTTP status it maps to)."""
     with pytest.raises(pyfunc.RequestError) as info:
         model.predict(None, table, params)

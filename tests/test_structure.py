@@ -30,10 +30,11 @@ STAGE_ENTRIES = {
     "metatest": ["purer_mlops.stages.metatest"],
 }
 # Modules (and packages) that move bytes, report or coordinate, but never change what a stage
-# computes; what they import is theirs (the MLflow model logged by ``serve.logged_model`` is no DVC output).
+# computes; what they import is theirs (the MLflow models logged by ``serve.logged_model`` and registered
+# by ``serve.registry`` are no DVC output).
 INFRASTRUCTURE = {"purer_mlops.errors", "purer_mlops.fileio", "purer_mlops.paths", "purer_mlops.tracking",
                   "purer_mlops.distributed", "purer_mlops.interrupts", "purer_mlops.compiling",
-                  "purer_mlops.serve.logged_model", "purer_mlops.children"}
+                  "purer_mlops.serve.logged_model", "purer_mlops.serve.registry", "purer_mlops.children"}
 
 
 def _infrastructure(name: str) -> bool:

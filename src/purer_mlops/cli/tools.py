@@ -1,4 +1,4 @@
-"""Commands around the pipeline: teacher import, the seed's presets, the parameters."""
+"""Commands around the pipeline: teacher import, the seed's presets, the parameters, the MLflow UI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .options import PARAMS, ROOT, read_params
 
 def register(cli: click.Group) -> None:
     """Add the tool commands to ``cli``."""
-    for command in (teachers, preset, show_params):
+    for command in (teachers, preset, show_params, ui):
         cli.add_command(command)
 
 
@@ -123,3 +123,30 @@ def check_params(project: Project, params_path: Path | None, marker: Path) -> No
         raise UserError(f"{err} No stage ran and no output was replaced; fix the value, or restore the committed "
                         "file with `git show HEAD:params.yaml > params.yaml`.") from None
     write_json(marker, {"params.yaml": "valid"})
+
+
+@click.command()
+@ROOT
+@PARAMS
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+def ui(project: Project, params_path: Path | None, host: str, port: int) -> None:
+    """`mlflow ui` on the project's store; prints the address that opens the experiment
+    (experiment_name) in the model-training view, which MLflow 3.17 does not pick by itself."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from ..tracking.store import tracking_uri, ui_address
+
+    params = read_params(project, params_path)
+    uri = tracking_uri(project.root)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"the store is the MLflow server at {uri}, which serves its own UI: open "
+                        f"{ui_address(uri, None)} (or unset MLFLOW_TRACKING_URI for the project's mlflow.db).")
+    experiment = MlflowClient(uri).get_experiment_by_name(params.experiment_name)
+    address = ui_address(f"http://{host}:{port}", experiment.experiment_id if experiment else None)
+    click.echo(f"MLflow UI, experiment {params.experiment_name!r} as model training: open {address}", err=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)  # mlflow replaces this process: no child to outlive it

@@ -1,7 +1,8 @@
-"""Adapting the meta-model to a user's task and labelling its query images (`purer adapt`, the
-MLflow model).
+"""Labelling a user's few-shot task with a served model (`purer adapt`, the MLflow model): the
+meta-model adapted to the task's support (here), or the teachers' ensemble (:mod:`.ensemble`,
+the default), both through :func:`predict`.
 
-The adaptation is meta-testing's: the learner the model was meta-trained with
+The meta-model's adaptation is meta-testing's: the learner the model was meta-trained with
 (:func:`~purer_mlops.models.learners.build_learner`) with the card's test-time inner loop, or
 :class:`~purer_mlops.meta.icfil.ICFIL` on top of it. The meta-model's BatchNorm normalises with
 the statistics of the batch it sees (as in meta-training and meta-testing), so queries go in
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -28,6 +30,26 @@ from ..models.learners import LEARNERS, MetaLearner, build_learner
 from .images import FewShotTask, check_modes, check_support_classes, decode, support_set
 
 
+class FewShotModel(Protocol):
+    """What :func:`predict` serves: a card with the image space (``image_size``, ``mean``, ``std``),
+    a ``kind`` (``meta-model``, ``teachers-ensemble``), where it runs, how many query images go
+    through at once, the classes it can take, and a support → query-probabilities function."""
+
+    card: dict
+    kind: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def query_batch(self) -> int: ...
+
+    def check_way(self, way: int) -> None: ...
+
+    def predictor(self, xs: torch.Tensor, ys: torch.Tensor, way: int, icfil: Params | None
+                  ) -> Callable[[torch.Tensor], torch.Tensor]: ...
+
+
 @dataclass
 class MetaModel:
     """A meta-model ready to adapt: the network, its card and its meta-learner."""
@@ -35,10 +57,29 @@ class MetaModel:
     model: Classifier
     card: dict
     learner: MetaLearner
+    kind: str = "meta-model"
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.named_parameters()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def query_batch(self) -> int:
+        """The size of a meta-test query set: the batch statistics its BatchNorm was validated with."""
+        return self.card["adaptation"]["query_batch"]
+
+    def check_way(self, way: int) -> None:
+        check_way(self.card, way)
+
+    def predictor(self, xs: torch.Tensor, ys: torch.Tensor, way: int, icfil: Params | None
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:func:`task_predictor`, with ICFIL when ``icfil`` (the params holding its knobs) is given."""
+        calibrate = ICFIL(self.learner, icfil.calibration, icfil.inversion, icfil.metatest.seed) if icfil else None
+        return task_predictor(self, xs, ys, way, calibrate)
 
 
 def load_meta_model(stem: Path, device: torch.device | str = "cpu") -> MetaModel:
@@ -64,7 +105,7 @@ def check_way(card: dict, way: int) -> None:
 
 def task_predictor(meta: MetaModel, xs: torch.Tensor, ys: torch.Tensor, way: int, icfil: ICFIL | None
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """query images (Q, 3, S, S) → logits (Q, way) of the model adapted to the support xs, ys.
+    """query images (Q, 3, S, S) → probabilities (Q, way) of the model adapted to the support xs, ys.
 
     The learner adapts once; ICFIL and a learner with its own query rule (ProtoNet) are called
     per batch, as meta-testing calls them per task (ICFIL is seeded: each batch gets the same
@@ -72,12 +113,12 @@ def task_predictor(meta: MetaModel, xs: torch.Tensor, ys: torch.Tensor, way: int
     """
     learner, weights = meta.learner, meta.weights
     if icfil is not None:
-        return lambda xq: icfil(weights, xs, ys, xq, way)[:, :way]
+        return lambda xq: icfil(weights, xs, ys, xq, way)[:, :way].softmax(1)
     if type(learner).query_logits is not MetaLearner.query_logits:
-        return lambda xq: learner.query_logits(weights, xs, ys, xq, way)[:, :way]
+        return lambda xq: learner.query_logits(weights, xs, ys, xq, way)[:, :way].softmax(1)
     with torch.no_grad():
         adapted = learner.adapt(weights, xs, ys)
-    return lambda xq: learner.logits(adapted, xq)[:, :way]
+    return lambda xq: learner.logits(adapted, xq)[:, :way].softmax(1)
 
 
 def batch_order(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -118,31 +159,31 @@ class Predictions:
         return columns
 
 
-def predict(meta: MetaModel, task: FewShotTask, *, batch_size: int = 0, icfil: Params | None = None,
+def predict(model: FewShotModel, task: FewShotTask, *, batch_size: int = 0, icfil: Params | None = None,
             progress: bool = False) -> Predictions:
-    """Adapt ``meta`` to the task's support, then the probabilities of every query image.
+    """The probabilities of every query image of the task, given its support: the meta-model
+    adapted to it, or the teachers' ensemble's heads.
 
-    ``batch_size`` 0 takes the card's ``query_batch``; ``icfil`` (the params holding the
-    ``calibration``, ``inversion`` and ``metatest.seed`` knobs) turns ICFIL on. Every image is
-    checked before any work: unreadable files, grey mixed with colour, too many classes, one image
-    in two support classes.
+    ``batch_size`` 0 takes the model's ``query_batch``; ``icfil`` (the params holding the
+    ``calibration``, ``inversion`` and ``metatest.seed`` knobs) turns ICFIL on (meta-model only).
+    Every image is checked before any work: unreadable files, grey mixed with colour, too many
+    classes, one image in two support classes.
     """
-    check_way(meta.card, len(task.classes))
+    model.check_way(len(task.classes))
     check_modes(task)
     check_support_classes(task)
-    device = next(meta.model.parameters()).device
-    support = support_set(task, meta.card)
+    device = model.device
+    support = support_set(task, model.card)
     xs = support.normalize(support.images.to(device))
     ys = support.labels.to(device)
     way = len(task.classes)
-    calibrate = ICFIL(meta.learner, icfil.calibration, icfil.inversion, icfil.metatest.seed) if icfil else None
-    logits_of = task_predictor(meta, xs, ys, way, calibrate)
+    probabilities_of = model.predictor(xs, ys, way, icfil)
     probabilities = torch.empty(len(task.query), way)
-    order = batch_order(len(task.query), batch_size or meta.card["adaptation"]["query_batch"])
+    order = batch_order(len(task.query), batch_size or model.query_batch)
     with tqdm(total=len(task.query), desc="queries", unit="img", disable=not progress, leave=False) as bar:
         for index in order:
-            xq = support.normalize(decode([task.query[i] for i in index], meta.card["image_size"]).to(device))
-            with torch.set_grad_enabled(calibrate is not None):
-                probabilities[index] = logits_of(xq).softmax(1).detach().cpu()
+            xq = support.normalize(decode([task.query[i] for i in index], model.card["image_size"]).to(device))
+            with torch.set_grad_enabled(icfil is not None):
+                probabilities[index] = probabilities_of(xq).detach().cpu()
             bar.update(len(index))
     return Predictions(task, probabilities)

@@ -1,4 +1,6 @@
-"""The meta-model as an MLflow ``pyfunc`` model: one few-shot task in, the query's predictions out.
+"""A few-shot classifier as an MLflow ``pyfunc`` model: one few-shot task in, the query's
+predictions out. The model is the teachers' ensemble (:mod:`.ensemble`) when its artifacts hold
+the pool (:data:`TEACHERS`), else the meta-model (:data:`ARTIFACT`).
 
 Input: a table (a pandas DataFrame; JSON ``dataframe_split`` or ``dataframe_records`` over
 HTTP), one row per image, columns (:func:`input_schema`)
@@ -20,7 +22,7 @@ A request is bounded (:data:`MAX_ROWS` images of at most :data:`MAX_IMAGE_BYTES`
 
 Output: one row per query image: ``row`` (its row in the input), ``file`` (its path, or
 ``row <n>``), ``label`` when given, ``predicted``, then ``prob_<class>`` per support class.
-Optional inference parameter ``batch_size`` (0: the card's). The adaptation is `purer adapt`'s
+Optional inference parameter ``batch_size`` (0: the model's). The predictions are `purer adapt`'s
 (:func:`~.adapt.predict`); ICFIL is not offered here (its knobs are the project's).
 """
 
@@ -41,9 +43,11 @@ from PIL import Image
 
 from ..errors import UserError
 from .adapt import load_meta_model, predict
+from .ensemble import load_ensemble
 from .images import FewShotTask, Source
 
 ARTIFACT = "meta_model"  # the artifact folder holding model.safetensors and model.json
+TEACHERS = "teachers"  # the artifact folder holding the teachers' pool (pool.json, teacher_*.safetensors)
 STEM = "model"
 ROLES = ("support", "query")
 IMAGE_ROOT = "PURER_SERVE_IMAGE_ROOT"  # the one folder whose files a request may name by path
@@ -169,17 +173,19 @@ def task_from_frame(frame: pd.DataFrame) -> FewShotTask:
                        [_source(r, i, root) for i, r in query], known)
 
 
-class MetaModelPyfunc(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper: loads the meta-model from its artifact folder, predicts one task per call."""
+class FewShotPyfunc(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper: loads the model from its artifact folder, predicts one task per call."""
 
     def load_context(self, context: Any) -> None:
-        self.meta = load_meta_model(Path(context.artifacts[ARTIFACT]) / STEM)
+        artifacts = context.artifacts
+        self.model = (load_ensemble(Path(artifacts[TEACHERS])) if TEACHERS in artifacts
+                      else load_meta_model(Path(artifacts[ARTIFACT]) / STEM))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """The query rows' predictions; a request it cannot answer raises :class:`RequestError`."""
         try:
             frame = pd.DataFrame(model_input)
-            result = predict(self.meta, task_from_frame(frame), batch_size=int((params or {}).get("batch_size") or 0))
+            result = predict(self.model, task_from_frame(frame), batch_size=int((params or {}).get("batch_size") or 0))
         except UserError as err:
             raise RequestError(str(err)) from None
         except Exception as err:  # a network surface: the client gets one line, the server's log the trace

@@ -37,7 +37,7 @@ from ..meta.checkpoint import (
 from ..meta.pool import load_teachers
 from ..meta.trainer import TRAIN_COLUMNS, MetaTrainer
 from ..paths import ModelDir, Project
-from ..serve.logged_model import log_meta_model
+from ..serve.registry import log_served_models
 from ..tracking import Tracker, open_tracker
 
 # Updates skipped in a row (non-finite losses or gradients) after which the run has diverged.
@@ -253,22 +253,25 @@ def _train(trainer: MetaTrainer, files: RunFiles, tracker: Tracker, fp: str, *, 
     return metrics
 
 
-def log_selected_model(tracker: Tracker, stem: Path, metrics: dict) -> None:
-    """Keep the selected meta-model ``<stem>.*`` in the run as an MLflow model, linked to ``metrics``."""
-    tracker.log_model(stem, lambda client, run_id: log_meta_model(client, run_id, stem, metrics))
+def log_selected_model(tracker: Tracker, params: Params, project: Project, metrics: dict) -> None:
+    """Keep the selected meta-model (linked to ``metrics``) and the teachers' ensemble in the run as
+    MLflow models, registered with the aliases ``@champion`` and ``@baseline`` (:mod:`~..serve.registry`)."""
+    tracker.log_model(project.meta.best,
+                      lambda client, run_id: log_served_models(client, run_id, params, project, metrics))
 
 
 def main(params: Params, project: Project, *, oracle: bool = False, progress: bool = True) -> dict:
     """The stage as ``purer metatrain`` runs it: :func:`run` in one process, or on every rank under
-    ``torchrun``; rank 0 inside its MLflow run, which keeps the selected meta-model as an MLflow model
-    (:mod:`purer_mlops.serve.logged_model`). Returns the metrics (an empty dict on the other ranks)."""
+    ``torchrun``; rank 0 inside its MLflow run, which keeps the selected meta-model and the teachers'
+    ensemble as registered MLflow models (:mod:`purer_mlops.serve.registry`). Returns the metrics (an
+    empty dict on the other ranks)."""
     ranks = setup()
     try:
         if not ranks.is_main:
             return run(params, project, oracle=oracle, progress=False, tracker=Tracker(), ranks=ranks)
         with open_tracker(params, "metatrain", project.root) as tracker:
             metrics = run(params, project, oracle=oracle, progress=progress, tracker=tracker, ranks=ranks)
-            log_selected_model(tracker, project.meta.best, metrics)
+            log_selected_model(tracker, params, project, metrics)
             return metrics
     finally:
         teardown(ranks)

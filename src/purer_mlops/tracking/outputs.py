@@ -13,6 +13,9 @@ from ..paths import Project
 # Stages that evaluate the meta-model: their runs are nested under the run that trained it.
 READS_META_MODEL = ("metatest", "compare")
 
+# The logged meta-model's name: serve.logged_model.MODEL_NAME (tracking imports no domain room).
+META_MODEL = "meta_model"
+
 
 def stage_artifacts(project: Project, stage: str) -> dict[str, tuple[Path, ...]]:
     """Files a finished stage leaves that its run keeps, per artifact folder."""
@@ -41,15 +44,17 @@ def sha256(path: Path) -> str:
 
 
 def link_test_metrics(client: Any, run_id: str, metrics_file: Path) -> None:
-    """Log a metatest run's accuracy again, linked to the logged model it evaluated (its parent
-    run's), so the model's page shows its meta-test accuracy beside its meta-val one."""
+    """Log a metatest run's accuracy again, linked to the logged meta-model it evaluated (its parent
+    run's ``meta_model``; the run's other model is the teachers' ensemble), so the model's page
+    shows its meta-test accuracy beside its meta-val one."""
     from mlflow.entities import Metric
 
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     if not parent or not metrics_file.is_file():
         return
     outputs = client.get_run(parent).outputs
-    models = list(outputs.model_outputs) if outputs else []
+    models = [m for m in (outputs.model_outputs if outputs else []) if client.get_logged_model(m.model_id).name
+              == META_MODEL]
     if not models:
         return
     values = json.loads(metrics_file.read_text())

@@ -11,8 +11,17 @@ from urllib.request import url2pathname
 
 from ..errors import UserError
 
-# MLflow 3's UI opens an experiment by its kind: model training (runs, metrics, models), not GenAI.
+# MLflow 3's experiment kind: model training (runs, metrics, models), not GenAI.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3.17's UI no longer picks its view from that tag but from this query parameter (else from
+# the browser's last choice, GenAI at first): an address holding it opens the model-training view.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_address(base: str, experiment_id: str | None) -> str:
+    """Where the UI at ``base`` shows the experiment (or the list of experiments) as model training."""
+    page = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{base.rstrip('/')}/#/{page}?{MODEL_TRAINING_VIEW}"
 
 
 class TrackingError(UserError):
