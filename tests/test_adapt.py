@@ -135,6 +135,18 @@ def test_the_ensemble_refuses_icfil_and_a_missing_pool_in_one_line_and_takes_a_p
     assert not (adapt_project / "predictions.csv").exists()
 
 
+def test_the_ensemble_refuses_a_pool_of_two_normalisations_in_one_line(adapt_project: Path, tmp_path: Path) -> None:
+    support, query = good_task(tmp_path)
+    pool = tmp_path / "pool"
+    shutil.copytree(adapt_project / "models" / "teachers", pool)
+    doc = json.loads((pool / "pool.json").read_text())
+    doc["teachers"][0]["mean"] = [0.4, 0.4, 0.4]  # one teacher normalised otherwise: one task cannot feed both
+    (pool / "pool.json").write_text(json.dumps(doc))
+    out = run_purer(tmp_path, "adapt", str(support), str(query), "--model", str(pool), "--out", str(tmp_path / "p.csv"))
+    check_one_error_line(out, "2 different image sizes or normalisations", "--model meta-model")
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_a_flat_query_in_small_batches_gets_one_row_per_image(adapt_project: Path, tmp_path: Path) -> None:
     params = adapt_params(episode_test=1)
     test, tasks = metatest.fixed_test_tasks(params, Project(adapt_project))

@@ -73,8 +73,6 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu") -> TeachersE
         raise UserError(f"teacher pool {folder} not found (no pool.json): run `dvc repro pretrain` (or `purer "
                         "pretrain`), or give the pool's folder (`purer adapt --model <folder>`).")
     pool = [(record, model.to(device).eval()) for record, model in load_pool(Path(folder), device)]
-    if not pool:
-        raise UserError(f"teacher pool {folder} holds no teacher: re-run `purer pretrain`.")
     spaces = {(r.image_size, tuple(r.mean), tuple(r.std)) for r, _ in pool}
     if len(spaces) > 1:
         raise UserError(f"the teachers of {folder} expect {len(spaces)} different image sizes or normalisations; "
