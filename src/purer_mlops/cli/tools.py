@@ -135,7 +135,7 @@ FILE = click.Path(dir_okay=False, path_type=Path)
 @click.option("--markdown", "markdown_path", type=FILE, default=None, help="Also write the table as Markdown.")
 @click.option("--csv", "csv_path", type=FILE, default=None, help="Also write the unrounded numbers as CSV.")
 @click.option("--plot", "plot_path", type=FILE, default=None,
-              help="Also plot each setting (PNG): one dot per seed, the mean with its 95%% interval.")
+              help="Also plot each setting (PNG): one dot per seed, the mean with its 95% interval.")
 @click.option("--mlflow/--no-mlflow", "to_mlflow", default=True, show_default=True,
               help="Log the summary as a run of the project's MLflow experiment (when tracking is on).")
 def summarize(project: Project, reference: str | None, markdown_path: Path | None, csv_path: Path | None,
