@@ -72,9 +72,10 @@ def compare_stage(stage: str, base: dict, now: dict, under: str = "") -> list[st
 
 
 def compare_accuracy(base: dict, now: dict) -> tuple[bool, str]:
-    """Meta-test accuracies agree within the two runs' combined 95% interval."""
-    a, h = now["accuracy"], now["ci95"]
-    a0, h0 = base["accuracy"], base["ci95"]
+    """Meta-test accuracies agree within the two runs' combined 95% interval (the headline keys of
+    results/metatest/metrics.json, src/purer_mlops/stages/headline.py)."""
+    a, h = now["test_acc"], now["test_ci"]
+    a0, h0 = base["test_acc"], base["test_ci"]
     bound = math.hypot(h, h0)
     ok = abs(a - a0) <= bound
     return ok, f"meta-test {a:.2f} ± {h:.2f} vs baseline {a0:.2f} ± {h0:.2f}: |Δ| {abs(a - a0):.2f} ≤ {bound:.2f}"
@@ -95,7 +96,7 @@ def check(rev: str) -> int:
     here = machine()
     if recorded == here:
         for stage in MODEL_STAGES:
-            # the weights under models/; the stages' metrics carry wall times, never equal twice
+            # the weights under models/; the stages' details.json carry wall times, never equal twice
             problems = compare_stage(stage, base, now, under="models/")
             failures += problems
             print(f"{stage}: {'FAIL' if problems else 'same model hashes (same machine kind)'}")

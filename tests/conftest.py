@@ -242,6 +242,16 @@ CLONE_TINY: dict[str, Any] = {
 }
 
 
+def reproduced_repo(root: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """:func:`make_dvc_repo`, then `dvc repro` and a commit of its results: the baseline that
+    `dvc exp run` compares experiments with."""
+    root = make_dvc_repo(root, overrides)
+    run_dvc(root, "repro", check=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "baseline")
+    return root
+
+
 @pytest.fixture
 def dvc_repo(tmp_path: Path) -> Path:
     """A fresh-clone-like git + DVC repository with tiny Glyph-FS params (not yet run)."""

@@ -104,7 +104,7 @@ def test_the_logged_pyfunc_model_predicts_what_metatest_predicts(adapt_project, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv(IMAGE_ROOT, str(root))  # the support goes by path: allowed under this folder only
     params = adapt_params(tracking=True, experiment_name="pyfunc")
-    metrics = json.loads((adapt_project / "results" / "metatrain" / "metrics.json").read_text())
+    metrics = json.loads((adapt_project / "results" / "metatrain" / "details.json").read_text())
     with open_tracker(params, "metatrain", root) as tracker:
         log_selected_model(tracker, params, Project(root), metrics)
     mlflow.set_tracking_uri(uri)
@@ -210,14 +210,14 @@ def test_the_server_holds_model_metrics_datasets_and_child_runs(server_runs):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = runs_by_stage(client, experiment.experiment_id)
     (train,) = runs["metatrain"]
-    metrics = json.loads((server_runs["root"] / "results" / "metatrain" / "metrics.json").read_text())
+    metrics = json.loads((server_runs["root"] / "results" / "metatrain" / "details.json").read_text())
 
     (model,) = meta_models(client, experiment.experiment_id)
     assert model.source_run_id == train.info.run_id and model.name == "meta_model"
     linked = {m.key: m for m in model.metrics}
     assert linked["best_val_accuracy"].value == pytest.approx(metrics["best_val_accuracy"])
     assert linked["best_val_accuracy"].step == metrics["best_iteration"]
-    tested = json.loads((server_runs["root"] / "results" / "metatest" / "metrics.json").read_text())
+    tested = json.loads((server_runs["root"] / "results" / "metatest" / "details.json").read_text())
     assert linked["test_accuracy"].value == pytest.approx(tested["accuracy"])  # from the metatest run
     outputs = [(o.model_id, o.step) for o in train.outputs.model_outputs]
     assert len(outputs) == 2 and (model.model_id, metrics["best_iteration"]) in outputs  # and the ensemble

@@ -34,7 +34,7 @@ def test_dvc_repro_compare_builds_the_table_from_the_main_pipeline(tmp_path):
     for r in rows:
         assert r["episodes"] == 10 and 0.0 <= r["accuracy"] <= 100.0 and r["ci95"] >= 0.0
     # The 1-shot PURER row is the main pipeline's model on the same fixed tasks.
-    metatest = json.loads((root / "results/metatest/metrics.json").read_text())
+    metatest = json.loads((root / "results/metatest/details.json").read_text())
     assert cells[("purer", 1)]["accuracy"] == pytest.approx(metatest["accuracy"], abs=1e-9)
     assert cells[("purer+proto", 1)]["accuracy"] == pytest.approx(metatest["prototype"]["accuracy"], abs=1e-9)
     assert sorted(p.name for p in (root / "models/compare").iterdir()) == [

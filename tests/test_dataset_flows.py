@@ -109,7 +109,7 @@ def test_documented_flow_runs_the_pipeline_on_the_dataset(tmp_path, name):
         assert f"Running stage '{stage}'" in out, out
     counts = json.loads((repo / "results" / "data" / f"{flow.dataset}.json").read_text())
     assert tuple(counts[s]["classes"] for s in ("meta_train", "meta_val", "meta_test")) == flow.classes
-    metrics = json.loads((repo / "results" / "metatest" / "metrics.json").read_text())
+    metrics = json.loads((repo / "results" / "metatest" / "details.json").read_text())
     assert metrics["episodes"] == CLONE_TINY["episode_test"] and 0 <= metrics["accuracy"] <= 100
     # The raw data is still in place (DVC saw its .dvc file, so did not delete it as an unknown
     # link) and out of git; the .dvc file is in git.
@@ -127,10 +127,10 @@ def test_documented_mh_recipe_trains_teachers_of_three_datasets(tmp_path):
     outputs = [shell(repo, command) for command in mh_commands()]
 
     assert "Running stage 'metatest'" in outputs[-1], outputs[-1]
-    pretrain = json.loads((repo / "results" / "pretrain" / "metrics.json").read_text())
+    pretrain = json.loads((repo / "results" / "pretrain" / "details.json").read_text())
     assert {d: s["teachers"] for d, s in pretrain["by_dataset"].items()} == {
         "cifar100": 1, "miniimagenet": 1, "cub": 1}
     pool = json.loads((repo / "models" / "teachers" / "pool.json").read_text())
     assert sorted((t["dataset"], t["image_size"]) for t in pool["teachers"]) == [
         ("cifar100", 32), ("cub", 84), ("miniimagenet", 84)]
-    assert json.loads((repo / "results" / "metatest" / "metrics.json").read_text())["accuracy"] >= 0
+    assert json.loads((repo / "results" / "metatest" / "metrics.json").read_text())["test_acc"] >= 0

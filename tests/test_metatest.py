@@ -5,7 +5,7 @@
 - ICFIL on and off on one fixed task: both predict, deterministically, and ICFIL changes the
   prediction;
 - the metatest stage writes accuracy, ci95, episodes and the per-task accuracies;
-- the metatest stage also scores the nearest-prototype head (metrics.json, per_task.csv, MLflow)
+- the metatest stage also scores the nearest-prototype head (details.json, per_task.csv, MLflow)
   and leaves the adaptation head's number as it scores alone;
 - the compare stage scores every method (and every meta-model's prototype head) at two shots
   on shared tasks, writes the table, the JSON rows, the paired differences and the bar chart,
@@ -91,8 +91,13 @@ def test_metatest_stage_writes_both_heads_interval_and_per_task(pool_project: Pa
     assert m["reference_protocol"]["checkpoints"] >= 2
     rows = (root / "results/metatest/per_task.csv").read_text().splitlines()
     assert rows[0] == "task,accuracy,accuracy_icfil,accuracy_prototype" and len(rows) == 10
-    on_disk = json.loads((root / "results/metatest/metrics.json").read_text())
+    on_disk = json.loads((root / "results/metatest/details.json").read_text())
     assert on_disk["accuracy"] == m["accuracy"]
+    headline = json.loads((root / "results/metatest/metrics.json").read_text())  # what `dvc exp show` shows
+    assert headline == {k: round(v, 2) for k, v in {
+        "test_acc": m["accuracy"], "test_ci": m["ci95"], "test_proto": m["prototype"]["accuracy"],
+        "test_proto_ci": m["prototype"]["ci95"], "test_icfil": m["icfil"]["accuracy"],
+        "test_icfil_ci": m["icfil"]["ci95"]}.items()}
     # the adaptation head is the one scored alone; the prototype head is the meta-model's embedding
     model = load_model(Project(root).meta.best)[0]
     test, tasks = metatest.fixed_test_tasks(p, Project(root))

@@ -49,8 +49,11 @@ def test_run_writes_model_checkpoint_metrics_curve_and_bank(pool_project: Path, 
                  res / "bank.png"):
         assert path.is_file(), path
     assert list((res / "bank").glob("iter_*.png"))
-    saved = yaml.safe_load((res / "metrics.json").read_text())  # JSON is YAML
+    saved = yaml.safe_load((res / "details.json").read_text())  # JSON is YAML
     assert saved == metrics
+    headline = yaml.safe_load((res / "metrics.json").read_text())  # what `dvc exp show` shows
+    assert headline == {"val_best": round(metrics["best_val_accuracy"], 2),
+                        "val_final": round(metrics["final_val_accuracy"], 2)}
     for key in ("init_val_accuracy", "best_val_accuracy", "best_iteration", "iterations", "adversarial_updates"):
         assert key in metrics, key
     assert metrics["iterations"] == params.meta_iterations == 6
@@ -119,7 +122,7 @@ def test_killed_run_resumes_to_the_same_model_and_bank(pool_project: Path, tmp_p
     _, err = whole.communicate(timeout=600)
     assert whole.returncode == 0, err[-3000:]
 
-    metrics = yaml.safe_load((roots["killed"] / "results" / "metatrain" / "metrics.json").read_text())
+    metrics = yaml.safe_load((roots["killed"] / "results" / "metatrain" / "details.json").read_text())
     assert metrics["resumed_from"] == left and metrics["iterations"] == total
     a, b = (torch.load(roots[n] / "models" / "meta" / "last.pt", map_location="cpu", weights_only=True)
             for n in ("killed", "whole"))

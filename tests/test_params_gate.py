@@ -13,16 +13,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import CLONE_TINY, git, make_dvc_repo, run_dvc
+from conftest import CLONE_TINY, git, reproduced_repo, run_dvc
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = make_dvc_repo(tmp_path_factory.mktemp("gate") / "repo", CLONE_TINY)
-    run_dvc(root, "repro", check=True)
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "baseline")
-    return root
+    return reproduced_repo(tmp_path_factory.mktemp("gate") / "repo", CLONE_TINY)
 
 
 def outputs(root: Path) -> dict[str, str]:

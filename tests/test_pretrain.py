@@ -79,8 +79,11 @@ def test_blocks_pool(glyph_root: Path) -> None:
     assert [r.class_ids for r in records] == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (7, 8, 9, 10, 11)]
     assert records[2].classes == tuple(f"class_{c:02d}" for c in (7, 8, 9, 10, 11))
     assert {r.arch for r in records} == {"conv4"} and all(0 <= r.accuracy <= 100 for r in records)
-    saved = json.loads((glyph_root / "results" / "pretrain" / "metrics.json").read_text())
+    saved = json.loads((glyph_root / "results" / "pretrain" / "details.json").read_text())
     assert saved == metrics
+    headline = json.loads((glyph_root / "results" / "pretrain" / "metrics.json").read_text())
+    assert headline == {"teacher_mean": round(metrics["acc_mean"], 2),
+                        "teacher_worst": round(min(r.accuracy for r in records), 2)}
     assert metrics["teachers"] == 3 and metrics["by_arch"]["conv4"]["teachers"] == 3
     accs = [r.accuracy for r in records]
     assert metrics["acc_min"] == min(accs) and metrics["acc_mean"] == pytest.approx(sum(accs) / 3)

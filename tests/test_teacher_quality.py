@@ -43,6 +43,7 @@ def test_a_near_chance_teacher_fails_the_stage_and_keeps_the_previous_pool(noisy
     table = (root / "results" / "pretrain" / "teachers.md").read_text()
     assert "**Failed:**" in table and "class_05, class_06" in table
     assert not (root / "results" / "pretrain" / "metrics.json").exists()
+    assert not (root / "results" / "pretrain" / "details.json").exists()
     # the previous pool is untouched, byte for byte
     assert {p.name: p.read_bytes() for p in (root / "models" / "teachers").iterdir()} == before
 

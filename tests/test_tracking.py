@@ -45,7 +45,7 @@ def fake_metatrain_outputs(root: Path, model: bytes = b"weights") -> None:
     (root / "models" / "meta" / "best.json").write_text("{}")
     (root / "models" / "meta" / "last.safetensors").write_bytes(model)
     (root / "results" / "metatrain").mkdir(parents=True, exist_ok=True)
-    (root / "results" / "metatrain" / "metrics.json").write_text(
+    (root / "results" / "metatrain" / "details.json").write_text(
         json.dumps({"best_val_accuracy": 41.5, "iterations": 4, "oracle": False, "note": "x"}))
 
 
@@ -86,7 +86,7 @@ def test_metatrain_run_holds_params_tags_series_and_outputs(project, store, monk
     assert "mlflow.source.git.commit" not in tags  # the project is no git repository
     assert [m.step for m in client.get_metric_history(run_id, "meta_loss")] == [1, 2]
     assert [m.value for m in client.get_metric_history(run_id, "adversarial")] == [0.0, 1.0]
-    assert run.data.metrics["best_val_accuracy"] == 41.5  # metrics.json, numbers only
+    assert run.data.metrics["best_val_accuracy"] == 41.5  # details.json, numbers only
     assert "note" not in run.data.metrics
     images = [f.path for f in client.list_artifacts(run_id, "images")]
     assert sum(p.startswith("images/bank+step+") and p.endswith(".png") for p in images) == 2

@@ -50,7 +50,8 @@ def pretrain(project: Project, params_path: Path | None, quiet: bool) -> None:
 
     Reads data/<d>/ for d in `pool_datasets` (default: `dataset`) and params `pre_backbone`,
     `pool_mode`, `APInum`, `way_pretrain`, `seed`, `pretrain.*`. Writes models/teachers/
-    (one safetensors file per teacher + pool.json) and results/pretrain/metrics.json.
+    (one safetensors file per teacher + pool.json), results/pretrain/metrics.json (teacher_mean,
+    teacher_worst) and details.json (per teacher; printed).
     """
     from ..stages.pretrain import main
 
@@ -66,7 +67,8 @@ def metatrain(project: Project, params_path: Path | None, quiet: bool, oracle: b
 
     Reads models/teachers/, data/<dataset>/ (meta_val for model selection) and the
     meta-training params. Writes models/meta/ (best.safetensors chosen on meta-val,
-    last.pt to resume) and results/metatrain/ (metrics.json, train.csv, val.csv, bank.png).
+    last.pt to resume) and results/metatrain/ (metrics.json: val_best, val_final; details.json,
+    printed; train.csv, val.csv, bank.png).
     An interrupted run resumes from models/meta/last.pt when re-run with the same params.
     """
     from ..stages.metatrain import main
@@ -82,10 +84,11 @@ def metatest(project: Project, params_path: Path | None, quiet: bool) -> None:
 
     Reads models/meta/best.*, data/<dataset>/ (meta_test) and params `way_test`, `num_sup_test`,
     `num_qur_test`, `episode_test`, `test_inner_update_num`, `icfil`, `calibration.*`,
-    `metatest.seed`. Writes results/metatest/metrics.json (accuracy, ci95 in percent; under
-    `prototype` the second head, nearest prototype on the meta-model's embedding, with its
-    paired difference; ICFIL gain with its paired interval when `icfil` is on; the reference
-    code's best-test-over-checkpoints number, labelled) and results/metatest/per_task.csv.
+    `metatest.seed`. Writes results/metatest/metrics.json (test_acc, test_ci in percent,
+    test_proto(_ci) for the nearest-prototype head, test_icfil(_ci) when `icfil` is on),
+    details.json (printed: accuracy, ci95; under `prototype` the second head with its paired
+    difference; ICFIL gain with its paired interval; the reference code's
+    best-test-over-checkpoints number, labelled) and results/metatest/per_task.csv.
     """
     from ..stages.metatest import main
 

@@ -1,4 +1,5 @@
-"""Commands around the pipeline: teacher import, the seed's presets, the parameters, the MLflow UI."""
+"""Commands around the pipeline: teacher import, the seed's presets, the parameters, the MLflow UI,
+summaries over seeds."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .options import PARAMS, ROOT, read_params
 
 def register(cli: click.Group) -> None:
     """Add the tool commands to ``cli``."""
-    for command in (teachers, preset, show_params, ui):
+    for command in (teachers, preset, show_params, ui, summarize):
         cli.add_command(command)
 
 
@@ -150,3 +151,37 @@ def ui(project: Project, params_path: Path | None, host: str, port: int) -> None
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     sys.stderr.flush()
     os.execv(cmd[0], cmd)  # mlflow replaces this process: no child to outlive it
+
+
+FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command()
+@ROOT
+@click.option("--reference", default=None, metavar="KEY=VALUE[,...]",
+              help="The setting the others are compared with, paired by seed (e.g. adv_scale=10).")
+@click.option("--markdown", "markdown_path", type=FILE, default=None, help="Also write the table as Markdown.")
+@click.option("--csv", "csv_path", type=FILE, default=None, help="Also write the unrounded numbers as CSV.")
+@click.option("--plot", "plot_path", type=FILE, default=None,
+              help="Also plot each setting (PNG): one dot per seed, the mean with its 95% interval.")
+@click.option("--mlflow/--no-mlflow", "to_mlflow", default=True, show_default=True,
+              help="Log the summary as a run of the project's MLflow experiment (when tracking is on).")
+def summarize(project: Project, reference: str | None, markdown_path: Path | None, csv_path: Path | None,
+              plot_path: Path | None, to_mlflow: bool) -> None:
+    """Compare the DVC experiments' settings over their seeds.
+
+    Groups the finished experiments of `dvc exp show` by every parameter except `seed`; per
+    setting: the number of seeds, the mean and 95% t-interval of meta-val (best) and meta-test
+    accuracy and, with --reference, the difference to that setting paired by seed with its
+    t-interval and p-value. Run a sweep first, e.g.
+    `dvc exp run --queue -S 'adv_scale=0.5,10' -S 'seed=range(0,3)'` and `dvc queue start`.
+    """
+    from ..sweeps import summarize_experiments
+
+    params = read_params(project, None)
+    experiment = params.experiment_name if to_mlflow and params.tracking else None
+    table, run_id = summarize_experiments(project.root, reference, markdown_path=markdown_path,
+                                          csv_path=csv_path, plot_path=plot_path, experiment=experiment)
+    click.echo(table, nl=False)
+    if run_id:
+        click.echo(f"logged to MLflow: experiment {experiment!r}, run {run_id}", err=True)

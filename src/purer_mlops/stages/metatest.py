@@ -18,12 +18,13 @@ import torch
 from ..config import Params
 from ..data.dataset import ImageSet, TaskIndices
 from ..distributed import pick_device
-from ..fileio import write_csv, write_json
+from ..fileio import write_csv
 from ..meta.checkpoint import load_model
 from ..meta.heads import FORM, prototype_accuracies
 from ..meta.scoring import fixed_test_tasks, paired, score, summary
 from ..paths import Project
 from ..tracking import Tracker, open_tracker
+from . import headline
 
 
 def reference_protocol(params: Params, project: Project, test: ImageSet, tasks: list[TaskIndices],
@@ -42,7 +43,8 @@ def reference_protocol(params: Params, project: Project, test: ImageSet, tasks: 
 
 
 def run(params: Params, project: Project, *, progress: bool = True, tracker: Tracker | None = None) -> dict:
-    """Meta-test ``models/meta/best`` and write ``results/metatest/``."""
+    """Meta-test ``models/meta/best`` and write ``results/metatest/``: ``metrics.json`` (the
+    headline, :mod:`.headline`), ``details.json`` (the returned record) and ``per_task.csv``."""
     tracker = tracker or Tracker()
     started = time.perf_counter()
     device = pick_device(params.device)
@@ -66,11 +68,12 @@ def run(params: Params, project: Project, *, progress: bool = True, tracker: Tra
     columns["accuracy_prototype"] = proto.tolist()
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_csv(out / "per_task.csv", columns)
-    write_json(out / "metrics.json", metrics)
+    headline.write(out, metrics, headline.metatest(metrics))
     tracker.log_metrics({"test_accuracy": metrics["accuracy"], "test_ci95": metrics["ci95"],
                          "test_prototype_accuracy": metrics["prototype"]["accuracy"],
                          "test_prototype_ci95": metrics["prototype"]["ci95"]})
-    tracker.log_artifact(out / "metrics.json")
+    tracker.log_artifact(out / headline.METRICS_FILE)
+    tracker.log_artifact(out / headline.DETAILS_FILE)
     return metrics
 
 

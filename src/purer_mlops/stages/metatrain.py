@@ -39,6 +39,7 @@ from ..meta.trainer import TRAIN_COLUMNS, MetaTrainer
 from ..paths import ModelDir, Project
 from ..serve.registry import log_served_models
 from ..tracking import Tracker, open_tracker
+from . import headline
 
 # Updates skipped in a row (non-finite losses or gradients) after which the run has diverged.
 DIVERGED_AFTER = 20
@@ -180,7 +181,7 @@ def _loop(trainer: MetaTrainer, hooks: dict, tracker: Tracker, bar: tqdm, stop: 
 
 
 def summary(trainer: MetaTrainer, resumed_from: int, started: float) -> dict:
-    """The run's final metrics (``metrics.json``)."""
+    """The run's record (``details.json``; its headline is ``metrics.json``, :mod:`.headline`)."""
     vals = trainer.val_history["val_accuracy"]
     return {
         "init_val_accuracy": vals[0], "best_val_accuracy": trainer.best["accuracy"],
@@ -210,8 +211,8 @@ def run(params: Params, project: Project, *, files: RunFiles | None = None, orac
 
     A ``last.pt`` left by an interrupted run with the same parameters and pool is resumed;
     any other is ignored and overwritten. With ``reuse_complete`` a finished run with the same
-    parameters is not repeated (the comparison table uses it). Returns the metrics written to
-    ``metrics.json`` (an empty dict on the other ranks).
+    parameters is not repeated (the comparison table uses it). Returns the record written to
+    ``details.json`` (an empty dict on the other ranks).
     """
     tracker = tracker or Tracker()
     files = files or RunFiles(project.meta, project.results("metatrain"))
@@ -229,8 +230,8 @@ def _train(trainer: MetaTrainer, files: RunFiles, tracker: Tracker, fp: str, *, 
     params, ranks = trainer.params, trainer.ranks
     state = matching_resume_state(files.models.resume_state, fp)
     if state is not None and state["iteration"] >= params.meta_iterations and reuse_complete \
-            and (files.results / "metrics.json").is_file():
-        return read_json(files.results / "metrics.json")
+            and (files.results / headline.DETAILS_FILE).is_file():
+        return read_json(files.results / headline.DETAILS_FILE)
     resumed_from = 0
     if state is not None and state["iteration"] < params.meta_iterations:
         trainer.load_state_dict(state)
@@ -249,7 +250,7 @@ def _train(trainer: MetaTrainer, files: RunFiles, tracker: Tracker, fp: str, *, 
     checkpoints.save_last_model()
     files.models.in_progress.unlink()
     metrics = summary(trainer, resumed_from, started)
-    write_json(files.results / "metrics.json", metrics)
+    headline.write(files.results, metrics, headline.metatrain(metrics))
     return metrics
 
 

@@ -1,5 +1,6 @@
 """Stage ``pretrain``: train the teacher pool (:mod:`purer_mlops.teachers.training`) into
-``models/teachers/``, and write ``results/pretrain/metrics.json`` and the per-teacher table
+``models/teachers/``, and write ``results/pretrain/metrics.json`` (the pool's mean and worst, see
+:mod:`.headline`), ``details.json`` (per teacher, wall time) and the per-teacher table
 ``results/pretrain/teachers.md`` (:mod:`purer_mlops.teachers.pool_table`), whose quality check can
 fail the stage. Under ``torchrun`` the teachers are spread over the ranks.
 """
@@ -16,11 +17,12 @@ import torch
 from ..config import Params
 from ..data.dataset import ImageSet, load_split
 from ..distributed import SINGLE, Ranks, pick_device, setup, teardown
-from ..fileio import write_json, write_text
+from ..fileio import write_text
 from ..models.pool_storage import TeacherRecord, save_pool
 from ..paths import Project
 from ..teachers.pool_table import TeacherRow, check_quality, format_table
 from ..teachers.training import TeacherSpec, TrainedTeacher, plan_pool, trained_teachers
+from . import headline
 
 
 def _summary(accs: list[float]) -> dict:
@@ -72,10 +74,10 @@ def _described(spec: TeacherSpec, imageset: ImageSet, t: TrainedTeacher
 
 def run(params: Params, project: Project, progress: bool = True,
         device: str | torch.device = "cpu", ranks: Ranks = SINGLE) -> dict:
-    """Train the pool into ``models/teachers``; write ``results/pretrain/metrics.json``
-    and the table ``teachers.md`` beside it (also printed to stderr).
+    """Train the pool into ``models/teachers``; write ``results/pretrain/metrics.json``,
+    ``details.json`` and the table ``teachers.md`` beside them (also printed to stderr).
 
-    Returns the metrics of :func:`pool_metrics` and ``wall_seconds`` of the whole stage. A
+    Returns the details: :func:`pool_metrics` and ``wall_seconds`` of the whole stage. A
     teacher below ``pretrain.min_accuracy`` raises a :class:`UserError` after the table is
     written; the previous pool and metrics stay. Under ``torchrun`` rank r trains teachers
     r, r + N, ... (they are independent and seeded by their index, so the pool is the one a
@@ -100,7 +102,7 @@ def run(params: Params, project: Project, progress: bool = True,
     save_pool(project.teachers, _reported(triples, rows, params.pretrain.min_accuracy, results))
     metrics = pool_metrics(rows)
     metrics["wall_seconds"] = time.perf_counter() - start
-    write_json(results / "metrics.json", metrics)
+    headline.write(results, metrics, headline.pretrain(metrics))
     return metrics
 
 

@@ -27,8 +27,9 @@ def stage_artifacts(project: Project, stage: str) -> dict[str, tuple[Path, ...]]
 
 
 def stage_metrics(project: Project, stage: str) -> Path | None:
-    """The final metrics file of a stage, logged as the run's metrics."""
-    return project.results("metatrain") / "metrics.json" if stage == "metatrain" else None
+    """The file of a stage whose numbers are logged as the run's final metrics: the whole record
+    (``details.json``, whose keys stay those of the MLflow runs), not the headline of ``dvc exp show``."""
+    return project.results("metatrain") / "details.json" if stage == "metatrain" else None
 
 
 def meta_model_file(project: Project) -> Path:

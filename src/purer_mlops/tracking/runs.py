@@ -114,6 +114,7 @@ def _start_run(params: Any, stage: str, root: Path) -> MlflowTracker:
         "dataset": params.dataset,
         "scenario": scenario(params),
         "meta_learner": params.meta_learner,
+        "seed": str(params.seed),  # a string: seed 0 is kept (falsy tags are left out); the runs table groups by it
         TAG_EXP: os.environ.get("DVC_EXP_NAME"),
         TAG_BASELINE: os.environ.get("DVC_EXP_BASELINE_REV"),
         TAG_COMMIT: commit,

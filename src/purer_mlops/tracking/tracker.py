@@ -147,7 +147,7 @@ class MlflowTracker(Tracker):
         if metrics and metrics.is_file():
             self.log_metrics_file(metrics)
         if stage == "metatest":
-            link_test_metrics(self.client, self.run_id, project.results("metatest") / "metrics.json")
+            link_test_metrics(self.client, self.run_id, project.results("metatest") / "details.json")
 
     @contextmanager
     def child(self, name: str, tags: dict[str, Any]) -> Iterator[Tracker]:
