@@ -268,7 +268,7 @@ def test_the_champion_alias_serves_what_purer_adapt_answers_over_http(server_run
 
     client = MlflowClient(server_runs["uri"])
     (train,) = runs_by_stage(client, client.get_experiment_by_name("served").experiment_id)["metatrain"]
-    metrics = json.loads((server_runs["root"] / "results" / "metatrain" / "metrics.json").read_text())
+    metrics = json.loads((server_runs["root"] / "results" / "metatrain" / "details.json").read_text())
     check_registry(client, train.info.run_id, metrics)
     name = registered_name("glyphs")
     kind = client.get_model_version_by_alias(name, "champion").tags[TAG_KIND]
