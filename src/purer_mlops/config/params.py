@@ -229,7 +229,8 @@ class Params:
     # data
     dataset: str = knob("glyphs", "dataset the meta-model is tested on (and, unless `pool_datasets` says "
                         "otherwise, the teachers are trained on): `glyphs` is generated; the others are laid "
-                        "out from `data/raw/`", PREPARE, FILELIST, PRETRAIN, METATRAIN, METATEST,
+                        "out from `data/raw/`; `folder` is your own images, declared in section `folder`",
+                        PREPARE, FILELIST, PRETRAIN, METATRAIN, METATEST,
                         choices=tuple(DATASETS), group=DATA)
     seed: int = knob(0, "global seed of teacher pretraining and meta-training", PRETRAIN, METATRAIN, ge=0,
                      le=MAX_SEED, group=DATA)
