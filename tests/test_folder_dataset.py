@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import new_project, write_params
 from PIL import Image
 from standins import write_seed_folder
 
 from purer_mlops.config import from_dict
 from purer_mlops.config.knobs import ConfigError
+from purer_mlops.config.loading import load_params
 from purer_mlops.data.dataset import load_split
 from purer_mlops.errors import UserError
 from purer_mlops.paths import Project
@@ -60,7 +62,7 @@ def test_folder_needs_its_raw_data_and_a_valid_declaration(tmp_path: Path) -> No
         load_split("folder", tmp_path / "data" / "folder", "meta_train")
 
 
-def test_augmentation_knobs_default_to_the_dataset_and_override_it() -> None:
+def test_augmentation_knobs_default_to_the_dataset_and_override_it(tmp_path: Path) -> None:
     def of(dataset: str, **augment: object) -> tuple[int, bool, bool]:
         return augmentation_of(dataset, from_dict({"augment": augment, "folder": {"image_size": 64}}))
 
@@ -68,5 +70,11 @@ def test_augmentation_knobs_default_to_the_dataset_and_override_it() -> None:
     assert of("folder") == (8, False, False)  # nothing assumed of one's own images but crops of 1/8 of the side
     assert of("glyphs", flip="on", recolour="off", crop_pad=0) == (0, True, False)
     assert of("cifar100", flip="off", recolour="on") == (4, False, True)
+    # YAML reads a bare on / off, as `-S augment.flip=on` writes it, as a boolean
+    new_project(tmp_path)
+    params = load_params(write_params(tmp_path, {"augment.flip": True, "augment.recolour": False}))
+    assert (params.augment.flip, params.augment.recolour) == ("on", "off")
+    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text().replace("flip: true", "flip: on"))
+    assert load_params(tmp_path / "params.yaml").augment.flip == "on"
     text = augmentation_knobs("glyphs", from_dict({}))
     assert text == "augment.flip=off, augment.recolour=on, augment.crop_pad=4"
