@@ -90,7 +90,7 @@ class PretrainParams:
     eval_every: int = knob(0, "optimiser steps between held-out evaluations (0: after every epoch)", PRETRAIN, ge=0)
     restarts: int = knob(2, "new initialisations (and batch orders) tried for a teacher whose first segment ends "
                          "near chance (see `restart_below`)", PRETRAIN, ge=0)
-    restart_below: float = knob(1.5, "a first segment whose best held-out accuracy is below this multiple of chance "
+    restart_below: float = knob(2.0, "a first segment whose best held-out accuracy is below this multiple of chance "
                                 "(100 / `way_pretrain` %) is started again", PRETRAIN, ge=0.0)
     epochs: int = knob(0, "0: as many epochs as `steps` needs; else exactly this many (reference: 60); the "
                        "epoch best on the held-out images is kept", PRETRAIN, ge=0)
