@@ -110,8 +110,8 @@ def test_flat_uses_dotted_section_keys():
     assert flat["glyphs.images_per_class"] == 100
     assert flat["compare.methods"] == list(METHODS)
     assert not any(isinstance(v, dict) for v in flat.values())
-    sections = {"glyphs", "pretrain", "inversion", "metatrain", "distill", "metatest", "calibration",
-                "compare"}
+    sections = {"glyphs", "folder", "pretrain", "augment", "inversion", "metatrain", "distill", "metatest",
+                "calibration", "compare"}
     assert not sections & set(flat)
     assert {k.partition(".")[0] for k in flat if "." in k} == sections
 

@@ -56,6 +56,7 @@ FLOWS = {
     "miniimagenet": Flow("miniimagenet", "miniimagenet", lambda p: write_seed_folder(p, ".jpg"), (5, 5, 5)),
     "cub": Flow("cub", "CUB_200_2011", write_cub, (10, 5, 5)),
     "flower": Flow("flower", "flower", build_flowers, (71, 15, 16)),
+    "folder": Flow("folder", "folder", lambda p: write_seed_folder(p, ".png"), (5, 5, 5)),
 }
 
 
@@ -111,6 +112,12 @@ def test_documented_flow_runs_the_pipeline_on_the_dataset(tmp_path, name):
     assert tuple(counts[s]["classes"] for s in ("meta_train", "meta_val", "meta_test")) == flow.classes
     metrics = json.loads((repo / "results" / "metatest" / "details.json").read_text())
     assert metrics["episodes"] == CLONE_TINY["episode_test"] and 0 <= metrics["accuracy"] <= 100
+    if flow.dataset == "folder":  # its normalisation, computed from the meta-train images, goes with the data
+        record = json.loads((repo / "data" / "folder" / "split" / "normalisation.json").read_text())
+        assert record["image_size"] == 32 and record["computed"] == ["mean", "std"]
+        assert all(0 <= m <= 1 for m in record["mean"]) and all(s > 0 for s in record["std"])
+        pool = json.loads((repo / "models" / "teachers" / "pool.json").read_text())
+        assert all(t["mean"] == record["mean"] and t["std"] == record["std"] for t in pool["teachers"])
     # The raw data is still in place (DVC saw its .dvc file, so did not delete it as an unknown
     # link) and out of git; the .dvc file is in git.
     assert (repo / "data" / "raw" / flow.raw).exists()

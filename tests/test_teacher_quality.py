@@ -15,7 +15,8 @@ from purer_mlops.teachers.pool_table import TeacherRow, check_quality, format_ta
 
 # 10 classes of 30 images: teacher_000 gets five learnable classes, teacher_001 five classes of
 # pure noise (chance: 20 %, 30 held-out images).
-QUICK = {"pretrain.steps": 100, "pretrain.batch_size": 16, "tracking": False, "device": "cpu"}
+QUICK = {"pretrain.steps": 100, "pretrain.max_steps": 100, "pretrain.batch_size": 16, "tracking": False,
+         "device": "cpu"}
 
 
 @pytest.fixture
@@ -36,6 +37,8 @@ def test_a_near_chance_teacher_fails_the_stage_and_keeps_the_previous_pool(noisy
     assert error.startswith("error:") and "1 of 2 teachers" in error and "teacher_001" in error
     assert "pretrain.min_accuracy = 50" in error and "lower pretrain.min_accuracy" in error
     assert "teacher_000" not in error and "results/pretrain/teachers.md" in error
+    # the augmentation knobs in force for the weak teacher's dataset, so that a user can act on them
+    assert "glyphs: augment.flip=off, augment.recolour=on, augment.crop_pad=4" in error
     assert proc.stdout == ""  # no metrics: the stage did not succeed
     # the table is printed and written, the weak teacher marked
     printed = [line for line in proc.stderr.splitlines() if line.startswith("| teacher_")]
@@ -74,7 +77,11 @@ def test_quality_check_names_at_most_three_weak_teachers() -> None:
     message = str(err.value)
     assert "4 of 5 teachers" in message and "teacher_003" in message and "and 1 more" in message
     assert "teacher_004" not in message and "teacher_000" not in message and "\n" not in message
+    with pytest.raises(UserError, match=r"no longer of its class; now glyphs: augment.flip=on\), or make") as err:
+        check_quality(rows, 45.0, "t.md", {"glyphs": "augment.flip=on", "cifar100": "augment.flip=on, x"})
+    assert "cifar100" not in str(err.value)  # only the weak teachers' datasets
     check_quality(rows, 10.0, "t.md")  # none below: no error
     text = format_table(rows, 45.0, names=False)
-    assert "teacher_000 | conv4 | glyphs | 0–4 | 90.0 | 3 | 9 | 18 |" in text
+    assert "| epochs | steps | restarts |" in text
+    assert "teacher_000 | conv4 | glyphs | 0–4 | 90.0 | 3 | 9 | 18 | 0 |" in text
     assert "min 10.0 % (teacher_001)" in text and "a, b, c" not in text

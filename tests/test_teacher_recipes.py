@@ -14,7 +14,7 @@ from purer_mlops.errors import UserError
 from purer_mlops.models.backbones import ARCHITECTURES, build_backbone
 from purer_mlops.teachers.augment import Augmentation
 from purer_mlops.teachers.recipes import RESNETS, lr_factor, make_optimizer, make_schedule, reference_init
-from purer_mlops.teachers.training import epochs_for, plan_pool, steps_per_epoch, train_teacher
+from purer_mlops.teachers.training import epochs_for, near_chance, plan_pool, steps_per_epoch, train_teacher
 
 SIZE = 8
 
@@ -83,7 +83,8 @@ def test_recolouring_permutes_channels_and_inverts_in_pixel_units() -> None:
 
 
 def test_augmentation_is_seeded() -> None:
-    aug = Augmentation.for_dataset("glyphs")
+    info = DATASETS["glyphs"]
+    aug = Augmentation.for_dataset("glyphs", params(), info.mean, info.std)
     padded = aug.prepare(images(16))
     idx = torch.arange(16)
 
@@ -104,13 +105,46 @@ def test_the_step_budget_gives_small_datasets_more_epochs() -> None:
 def test_train_teacher_follows_the_step_budget(tmp_path) -> None:
     make_dataset(tmp_path, "glyphs", classes=5, per_class=10)
     imageset = load_split("glyphs", tmp_path / "data" / "glyphs", "meta_train")
-    p = params(pretrain={"epochs": 0, "steps": 7, "batch_size": 16})
+    # a cap of one segment: exactly the step budget, as before the budget followed the curve
+    p = params(pretrain={"epochs": 0, "steps": 7, "max_steps": 7, "restarts": 0, "batch_size": 16})
     spec = plan_pool(p, {"glyphs": 5})[0]
     trained = train_teacher(spec, imageset, p)  # 40 training images: 3 steps an epoch
-    assert (trained.epochs, trained.steps) == (3, 9) and 1 <= trained.best_epoch <= 3
+    assert (trained.epochs, trained.steps, trained.restarts) == (3, 9, 0) and 1 <= trained.best_epoch <= 3
     reference = train_teacher(spec, imageset, p.replace(**{"pretrain.recipe": "reference"}))
     assert (reference.epochs, reference.steps) == (3, 9)
     assert not torch.equal(reference.state["head.weight"], trained.state["head.weight"])
+
+
+def test_the_budget_adds_segments_while_the_curve_rises_and_stops_at_the_cap(tmp_path) -> None:
+    make_dataset(tmp_path, "glyphs", classes=5, per_class=20)
+    imageset = load_split("glyphs", tmp_path / "data" / "glyphs", "meta_train")
+    base = {"epochs": 0, "steps": 10, "restarts": 0, "batch_size": 16, "patience": 5}
+    spec = plan_pool(params(pretrain=base), {"glyphs": 5})[0]  # 80 training images: 5 steps an epoch
+    seen: list[float] = []
+    trained = train_teacher(spec, imageset, params(pretrain={**base, "max_steps": 40}),
+                            on_epoch=lambda epoch, acc, model: seen.append(acc))
+    # whole segments of 2 epochs, never past the cap; another one while the last epoch (patience:
+    # 5 steps) beat every earlier one
+    assert trained.steps in (10, 20, 30, 40) and trained.epochs == len(seen) == trained.steps // 5
+    assert all(100 > seen[k] > max(seen[:k]) for k in range(1, len(seen) - 1, 2))
+    assert trained.steps == 40 or not 100 > seen[-1] > max(seen[:-1])
+    assert trained.accuracy == max(seen)
+    capped = train_teacher(spec, imageset, params(pretrain={**base, "max_steps": 19}))
+    assert capped.steps == 10  # a second segment would pass the cap
+
+
+def test_a_teacher_near_chance_is_started_again_from_a_new_initialisation(tmp_path) -> None:
+    make_dataset(tmp_path, "glyphs", classes=5, per_class=20, learnable=0)  # noise: nothing to learn
+    imageset = load_split("glyphs", tmp_path / "data" / "glyphs", "meta_train")
+    base = {"epochs": 0, "steps": 5, "max_steps": 5, "batch_size": 16, "restart_below": 5.0}
+    spec = plan_pool(params(pretrain=base), {"glyphs": 5})[0]
+    again = train_teacher(spec, imageset, params(pretrain={**base, "restarts": 2}))
+    once = train_teacher(spec, imageset, params(pretrain={**base, "restarts": 0}))
+    assert (again.restarts, once.restarts) == (2, 0) and again.steps == once.steps == 5
+    assert not torch.equal(again.state["head.weight"], once.state["head.weight"])
+    fixed = train_teacher(spec, imageset, params(pretrain={**base, "epochs": 1, "restarts": 2}))
+    assert fixed.restarts == 0  # a fixed epoch count is never restarted
+    assert near_chance(29.0, 5, 1.5) and not near_chance(30.0, 5, 1.5)
 
 
 def test_cosine_schedule_decays_from_the_base_rate_to_zero_over_the_run() -> None:

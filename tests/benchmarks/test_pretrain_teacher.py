@@ -39,7 +39,8 @@ def imageset() -> ImageSet:
 @pytest.mark.parametrize("variant", ["purer-mlops", "reference", "purer-mlops_compiled"])
 def test_one_default_teacher(benchmark, imageset: ImageSet, variant: str, capsys) -> None:
     recipe, compiled = variant.removesuffix("_compiled"), variant.endswith("_compiled")
-    params = from_dict({"pretrain": {"recipe": recipe, "min_accuracy": 0.0, "compile": compiled}})
+    params = from_dict({"pretrain": {"recipe": recipe, "min_accuracy": 0.0, "compile": compiled,
+                                      "max_steps": 300}})
     spec = plan_pool(params, {"glyphs": 5})[0]
     benchmark.group = "pretrain_teacher"
     benchmark.name = f"pretrain_teacher_{variant}"
@@ -54,7 +55,8 @@ def test_one_default_teacher(benchmark, imageset: ImageSet, variant: str, capsys
 
 
 def test_augment_one_batch(benchmark) -> None:
-    aug = Augmentation.for_dataset("glyphs")
+    info = DATASETS["glyphs"]
+    aug = Augmentation.for_dataset("glyphs", from_dict({}), info.mean, info.std)
     x = torch.randn(400, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
     padded = aug.prepare(x)
     gen = torch.Generator().manual_seed(0)

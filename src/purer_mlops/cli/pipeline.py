@@ -23,7 +23,8 @@ def register(cli: click.Group) -> None:
 def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: str | None) -> None:
     """Lay out the dataset in the seed's folder form.
 
-    Reads params `dataset`, `glyphs` and, for real datasets, data/raw/ (see README).
+    Reads params `dataset`, `glyphs` and, for real datasets and `folder` (your own images in the
+    seed's layout), data/raw/ (see README).
     Writes data/<dataset>/meta_{train,val,test}/<class>/<image>; `glyphs` is generated.
     """
     from ..stages.prepare import prepare as run
@@ -36,8 +37,10 @@ def prepare(project: Project, params_path: Path | None, quiet: bool, dataset: st
 def filelist(project: Project, params_path: Path | None, quiet: bool, dataset: str | None) -> None:
     """Write the filelists data/<dataset>/split/{meta_train,meta_val,meta_test}.csv.
 
-    Reads data/<dataset>/meta_*/ and param `dataset`. Rows `filename,label` are sorted;
-    also writes the class/image counts to results/data/<dataset>.json.
+    Reads data/<dataset>/meta_*/ and params `dataset`, `folder`. Rows `filename,label` are sorted;
+    also writes the class/image counts to results/data/<dataset>.json. For `folder` (your own
+    images) also data/folder/split/normalisation.json: its image size and normalisation, the
+    latter computed from its meta-train images unless `folder.mean`/`folder.std` give it.
     """
     from ..stages.filelists import filelist as run
 

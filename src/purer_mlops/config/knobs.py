@@ -58,6 +58,8 @@ class Knob:
 
     def check(self, name: str, value: Any, hint: Any) -> Any:
         """``value`` converted to the annotated type; :class:`ConfigError` naming ``name`` otherwise."""
+        if hint is str and isinstance(value, bool) and self.choices is not None and {"on", "off"} <= set(self.choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on / off (as `-S key=on` writes it) as a boolean
         value = _check_type(name, value, hint)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"params.yaml: '{name}' is {value}; it must be a finite number.")

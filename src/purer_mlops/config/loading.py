@@ -69,6 +69,12 @@ def _check_lists(p: Params) -> None:
         if key not in DATASETS:
             raise ConfigError(f"params.yaml: 'pool_datasets' names unknown dataset {key!r}; "
                               f"choose among: {', '.join(DATASETS)}.")
+    for key in ("mean", "std"):
+        values = getattr(p.folder, key)
+        if values and (len(values) != 3 or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                      and (0 < v if key == "std" else 0 <= v <= 1) for v in values)):
+            raise ConfigError(f"params.yaml: 'folder.{key}' must be empty (computed from the images) or three "
+                              f"numbers{' > 0' if key == 'std' else ' in [0, 1]'} (R, G, B), got {values!r}.")
     for key in p.compare.methods:
         if key not in METHODS:
             raise ConfigError(f"params.yaml: 'compare.methods' has {key!r}; choose among: {', '.join(METHODS)}.")
@@ -81,8 +87,8 @@ def _check_combinations(p: Params) -> None:
     """Cross-field checks that need no data on disk."""
     _check_lists(p)
     if p.average:
-        sizes = [DATASETS[d].image_size for d in p.teacher_datasets]
-        blocker = averaging_blocker([p.pre_backbone], sizes, p.backbone, DATASETS[p.dataset].image_size)
+        sizes = [p.image_size(d) for d in p.teacher_datasets]
+        blocker = averaging_blocker([p.pre_backbone], sizes, p.backbone, p.image_size(p.dataset))
         if blocker:
             raise ConfigError(
                 f"params.yaml: 'average' is true, but the pool (pre_backbone={p.pre_backbone}, "

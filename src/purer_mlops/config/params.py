@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.registry import DATASETS
+from ..data.registry import DATASETS, FOLDER
 from ..models.backbones import ARCHITECTURES
 from ..models.learners import LEARNERS
 from .knobs import (
@@ -48,14 +48,50 @@ class GlyphsParams:
 
 
 @dataclass(frozen=True)
+class FolderParams:
+    """The user's own dataset ``folder`` (``data/raw/folder/`` in the seed's layout; README "Datasets")."""
+
+    image_size: int = knob(32, "side in pixels the images of dataset `folder` are resized to", FILELIST, ge=8)
+    mean: list = knob([], "RGB normalisation mean of dataset `folder`, in [0, 1]; empty: computed from its "
+                      "meta-train images (recorded in data/folder/split/normalisation.json)", FILELIST)
+    std: list = knob([], "RGB normalisation std of dataset `folder`; empty: computed like `mean`", FILELIST)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """What teacher pretraining may change in an image without changing its class (recipe `purer-mlops`)."""
+
+    flip: str = knob("auto", "mirror images left to right: `on` where a mirror image keeps its class (photos), "
+                     "`off` where it does not (characters); `auto`: the dataset's (on for the photo datasets, off "
+                     "for glyphs and folder)", PRETRAIN, choices=("auto", "on", "off"))
+    recolour: str = knob("auto", "permute the RGB channels and invert: `on` where colour carries no class "
+                         "information; `auto`: the dataset's (on for glyphs only)", PRETRAIN,
+                         choices=("auto", "on", "off"))
+    crop_pad: int = knob(-1, "pixels of padding before a random crop back to the image size (0: no crops); -1: "
+                         "the dataset's (about 1/8 of the side)", PRETRAIN, ge=-1)
+
+
+@dataclass(frozen=True)
 class PretrainParams:
     """Teacher pretraining (stage ``pretrain``); docs/teachers.md compares the two recipes."""
 
     recipe: str = knob("purer-mlops", "`purer-mlops`: augmentation suited to the dataset + cosine schedule; "
                        "`reference`: the authors' initialisation and step schedule, no augmentation", PRETRAIN,
                        choices=("purer-mlops", "reference"))
-    steps: int = knob(300, "optimiser steps per teacher when `epochs` is 0 (small datasets get more epochs)",
-                      PRETRAIN, ge=1)
+    steps: int = knob(300, "optimiser steps of one segment of a teacher's training when `epochs` is 0 (whole "
+                      "epochs, one cosine schedule; small datasets get more epochs)", PRETRAIN, ge=1)
+    max_steps: int = knob(1500, "cap on a teacher's optimiser steps: further segments of `steps` are trained while "
+                          "the held-out accuracy still rises and the next one fits under this cap", PRETRAIN, ge=1)
+    patience: int = knob(100, "steps at the end of a segment within which the held-out accuracy must have risen "
+                         "(beyond `min_delta`) for another segment to follow; else the curve is on a plateau",
+                         PRETRAIN, ge=1)
+    min_delta: float = knob(0.0, "rise of held-out accuracy (percentage points) that counts as progress", PRETRAIN,
+                            ge=0.0)
+    eval_every: int = knob(0, "optimiser steps between held-out evaluations (0: after every epoch)", PRETRAIN, ge=0)
+    restarts: int = knob(2, "new initialisations (and batch orders) tried for a teacher whose first segment ends "
+                         "near chance (see `restart_below`)", PRETRAIN, ge=0)
+    restart_below: float = knob(2.0, "a first segment whose best held-out accuracy is below this multiple of chance "
+                                "(100 / `way_pretrain` %) is started again", PRETRAIN, ge=0.0)
     epochs: int = knob(0, "0: as many epochs as `steps` needs; else exactly this many (reference: 60); the "
                        "epoch best on the held-out images is kept", PRETRAIN, ge=0)
     batch_size: int = knob(64, "teacher training batch size (reference: 128)", PRETRAIN, ge=1)
@@ -190,7 +226,8 @@ class Params:
     # data
     dataset: str = knob("glyphs", "dataset the meta-model is tested on (and, unless `pool_datasets` says "
                         "otherwise, the teachers are trained on): `glyphs` is generated; the others are laid "
-                        "out from `data/raw/`", PREPARE, FILELIST, PRETRAIN, METATRAIN, METATEST,
+                        "out from `data/raw/`; `folder` is your own images, declared in section `folder`",
+                        PREPARE, FILELIST, PRETRAIN, METATRAIN, METATEST,
                         choices=tuple(DATASETS), group=DATA)
     seed: int = knob(0, "global seed of teacher pretraining and meta-training", PRETRAIN, METATRAIN, ge=0,
                      le=MAX_SEED, group=DATA)
@@ -256,7 +293,9 @@ class Params:
                                          "sampled every 10 s", *TEST, group=RUNTIME, bookkeeping=True)
     # sections
     glyphs: GlyphsParams = section(GlyphsParams, DATA)
+    folder: FolderParams = section(FolderParams, DATA)
     pretrain: PretrainParams = section(PretrainParams, POOL)
+    augment: AugmentParams = section(AugmentParams, POOL)
     inversion: InversionParams = section(InversionParams, TRAINING)
     metatrain: MetatrainParams = section(MetatrainParams, TRAINING)
     distill: DistillParams = section(DistillParams, TRAINING)
@@ -268,6 +307,10 @@ class Params:
     def teacher_datasets(self) -> list[str]:
         """Datasets the teacher pool is built from."""
         return list(self.pool_datasets) or [self.dataset]
+
+    def image_size(self, dataset: str) -> int:
+        """Side in pixels of the images of ``dataset`` (``folder``: as declared in ``folder.image_size``)."""
+        return self.folder.image_size if dataset == FOLDER else DATASETS[dataset].image_size
 
     @property
     def meta_iterations(self) -> int:

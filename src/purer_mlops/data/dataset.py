@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .filelist import filelist_path, read_filelist
-from .registry import DATASETS
+from .registry import dataset_info
 
 # The most pixels an image may have: its header is read first and a larger image is refused
 # before it is decoded, so one small file (a 90 KB PNG can say 20000 x 20000) cannot take
@@ -140,7 +140,7 @@ def load_split(dataset: str, root: Path, split: str, progress: bool = False) -> 
     """Decode every image listed in ``root/split/<split>.csv`` into an :class:`ImageSet`."""
     from tqdm import tqdm
 
-    info = DATASETS[dataset]
+    info = dataset_info(dataset, root)
     rows = read_filelist(root, split)
     classes = sorted({c for _, c in rows})
     index = {c: i for i, c in enumerate(classes)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -18,7 +19,7 @@ from ..fileio import OutputFolder, atomic_dir
 from .registry import IMAGE_SUFFIXES, SPLITS
 
 SPLIT_FOLDER = OutputFolder("a filelist folder (meta_train.csv, meta_val.csv, meta_test.csv)",
-                            r"meta_(train|val|test)\.csv")
+                            r"meta_(train|val|test)\.csv|normalisation\.json")
 
 
 def list_split(root: Path, split: str) -> list[tuple[str, str]]:
@@ -43,11 +44,20 @@ def list_split(root: Path, split: str) -> list[tuple[str, str]]:
     return rows
 
 
-def write_filelists(root: Path, progress: bool = False) -> dict[str, dict[str, int]]:
-    """Write ``root/split/<split>.csv`` for the three splits; returns class and image counts."""
+Extra = Callable[[list[tuple[str, str]]], dict[str, str]]  # meta_train rows -> more files (name -> text)
+
+
+def write_filelists(root: Path, progress: bool = False, extra: Extra | None = None) -> dict[str, dict[str, int]]:
+    """Write ``root/split/<split>.csv`` for the three splits; returns class and image counts.
+
+    ``extra``: given the meta_train rows, more files (name → text) to write beside the filelists.
+    """
     splits = tqdm(SPLITS, desc=f"filelist {root.name}", unit="split", disable=not progress)
     tables = {split: list_split(root, split) for split in splits}
+    more = extra(tables["meta_train"]) if extra else {}
     with atomic_dir(root / "split", SPLIT_FOLDER) as tmp:
+        for name, text in more.items():
+            (tmp / name).write_text(text)
         for split, rows in tables.items():
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")

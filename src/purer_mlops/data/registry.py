@@ -1,9 +1,20 @@
-"""The datasets this project knows: image size, normalisation, and what the user must bring."""
+"""The datasets this project knows: image size, normalisation, and what the user must bring.
+
+Besides the registered datasets there is ``folder``: the user's own images in the seed's layout
+under ``data/raw/folder/``. Its image size and normalisation are declared in ``params.yaml``
+(``folder.*``); a normalisation left empty there is computed from the meta-train images by stage
+``filelist`` and recorded with the filelists (``data/folder/split/normalisation.json``), which
+:func:`dataset_info` reads.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..errors import UserError
 from ..fileio import OutputFolder
 
 SPLITS = ("meta_train", "meta_val", "meta_test")
@@ -65,4 +76,26 @@ DATASETS: dict[str, DatasetInfo] = {
         "flower", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/flower/jpg/", "data/raw/flower/imagelabels.mat"),
         crop_pad=8,
     ),
+    # the user's own folder: size and normalisation are placeholders, replaced by dataset_info; no
+    # flips nor recolouring unless the user says they keep a class (augment.*)
+    "folder": DatasetInfo("folder", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                          ("data/raw/folder/ (the seed's layout: meta_train/<class>/<image> ...)",),
+                          flip=False, recolour=False),
 }
+
+FOLDER = "folder"
+NORMALISATION_FILE = "normalisation.json"  # in data/folder/split/, beside the filelists
+
+
+def dataset_info(name: str, root: Path) -> DatasetInfo:
+    """The facts of dataset ``name`` laid out at ``root`` (``data/<name>``): the registry's, with, for
+    ``folder``, the image size and normalisation recorded with its filelists."""
+    info = DATASETS[name]
+    if name != FOLDER:
+        return info
+    path = root / "split" / NORMALISATION_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `dvc repro filelist` (or `purer filelist`) with dataset: folder.")
+    record = json.loads(path.read_text())
+    return dataclasses.replace(info, image_size=int(record["image_size"]), mean=tuple(record["mean"]),
+                               std=tuple(record["std"]))

@@ -236,13 +236,18 @@ def _plan_cifar100(raw_root: Path) -> Layout:
     )
 
 
-def _plan_miniimagenet(raw_root: Path) -> Layout:
-    """miniImageNet: only the seed's folder form exists."""
-    folder = raw_root / "miniimagenet"
-    if not folder.is_dir():
-        what = "the seed's miniimagenet/ folder (meta_train/meta_val/meta_test)"
-        raise _missing(what, folder, folder)
-    return _plan_seed_folder(folder)
+def _seed_folder_planner(name: str) -> Callable[[Path], Layout]:
+    """The planner of a dataset that only exists in the seed's folder form, at ``data/raw/<name>/``
+    (miniImageNet, and the user's own ``folder``)."""
+
+    def plan(raw_root: Path) -> Layout:
+        folder = raw_root / name
+        if not folder.is_dir():
+            what = f"the seed's {name}/ folder (meta_train/meta_val/meta_test, one sub-folder of images per class)"
+            raise _missing(what, folder, folder)
+        return _plan_seed_folder(folder)
+
+    return plan
 
 
 def _plan_cub(raw_root: Path) -> Layout:
@@ -311,9 +316,10 @@ def _plan_flower(raw_root: Path) -> Layout:
 
 _PLANNERS: dict[str, Callable[[Path], Layout]] = {
     "cifar100": _plan_cifar100,
-    "miniimagenet": _plan_miniimagenet,
+    "miniimagenet": _seed_folder_planner("miniimagenet"),
     "cub": _plan_cub,
     "flower": _plan_flower,
+    "folder": _seed_folder_planner("folder"),
 }
 
 
@@ -352,7 +358,7 @@ def prepare(dataset: str, raw_root: Path, out_dir: Path, *, progress: bool = Tru
     """Lay out a real dataset the user brought under ``raw_root`` in the seed's folder form.
 
     Args:
-        dataset: ``cifar100``, ``miniimagenet``, ``cub`` or ``flower``.
+        dataset: ``cifar100``, ``miniimagenet``, ``cub``, ``flower`` or ``folder`` (the user's own).
         raw_root: where the user put the raw files (normally ``data/raw``).
         out_dir: the output folder; it gets ``meta_train/``, ``meta_val/`` and ``meta_test/``,
             each with one sub-folder of images per class. A previous ``out_dir`` is replaced

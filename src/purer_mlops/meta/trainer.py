@@ -18,6 +18,7 @@ meta-val; meta-test is never looked at here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -95,7 +96,9 @@ class MetaTrainer:
         self.device = device
         if params.metatrain.compile:
             check_compiler(device, "metatrain.compile")
-        self.info = DATASETS[params.dataset]
+        # the meta-dataset's facts as its images were loaded (a `folder` dataset's recorded size and normalisation)
+        self.info = dataclasses.replace(DATASETS[params.dataset], image_size=val.image_size, mean=val.mean,
+                                        std=val.std)
         self.val_tasks = fixed_tasks(val, params.metatrain.val_episodes, params.way_test,
                                      params.num_sup_test, params.num_qur_test, seed=params.seed + 1)
         self.model = init_meta_model(params, pool, self.info.image_size)

@@ -25,7 +25,6 @@ import torch
 
 from ..config import Params
 from ..data.dataset import ImageSet, TaskIndices
-from ..data.registry import DATASETS
 from ..fileio import write_json, write_text
 from ..meta.baselines import TEACHER_METHODS, TeacherRows
 from ..meta.checkpoint import fingerprint, load_model, matching_resume_state
@@ -72,7 +71,7 @@ def trained_model(method: str, p: Params, project: Project, progress: bool, trac
 
 def start_model(method: str, p: Params, project: Project) -> torch.nn.Module | None:
     """The untrained baselines; None when ``average`` cannot be formed from this pool."""
-    size = DATASETS[p.dataset].image_size
+    size = p.image_size(p.dataset)
     if method == "random":
         return init_meta_model(p.replace(average=False), None, size)
     pool = load_teachers(project.teachers)

@@ -20,6 +20,7 @@ from ..distributed import SINGLE, Ranks, pick_device, setup, teardown
 from ..fileio import write_text
 from ..models.pool_storage import TeacherRecord, save_pool
 from ..paths import Project
+from ..teachers.augment import augmentation_knobs
 from ..teachers.pool_table import TeacherRow, check_quality, format_table
 from ..teachers.training import TeacherSpec, TrainedTeacher, plan_pool, trained_teachers
 from . import headline
@@ -43,10 +44,11 @@ def pool_metrics(rows: list[TeacherRow]) -> dict:
 
 
 def _reported(pairs: Iterable[tuple[TeacherRow, TeacherRecord, dict[str, torch.Tensor]]], rows: list[TeacherRow],
-              min_accuracy: float, results: Path) -> Iterator[tuple[TeacherRecord, dict[str, torch.Tensor]]]:
+              params: Params, results: Path) -> Iterator[tuple[TeacherRecord, dict[str, torch.Tensor]]]:
     """Pass the pool on to :func:`save_pool`, collecting its rows in ``rows``; once every teacher
     is through, print and write the table and apply the quality check. Raising here, inside the
     stream, makes ``save_pool`` drop the new folder and keep the previous pool."""
+    min_accuracy = params.pretrain.min_accuracy
     for row, record, state in pairs:
         rows.append(row)
         yield record, state
@@ -56,7 +58,9 @@ def _reported(pairs: Iterable[tuple[TeacherRow, TeacherRecord, dict[str, torch.T
     note = ("\n**Failed:** teachers below pretrain.min_accuracy; models/teachers/ was not replaced.\n"
             if low else "")
     write_text(table, "# Teacher pool\n\n" + format_table(rows, min_accuracy) + note)
-    check_quality(rows, min_accuracy, str(Path("results") / "pretrain" / table.name))
+    knobs = ({d: augmentation_knobs(d, params) for d in params.teacher_datasets}
+             if params.pretrain.recipe == "purer-mlops" else None)
+    check_quality(rows, min_accuracy, str(Path("results") / "pretrain" / table.name), knobs)
 
 
 def _described(spec: TeacherSpec, imageset: ImageSet, t: TrainedTeacher
@@ -68,7 +72,7 @@ def _described(spec: TeacherSpec, imageset: ImageSet, t: TrainedTeacher
                            class_ids=spec.class_ids, accuracy=t.accuracy)
     row = TeacherRow(name=f"teacher_{spec.index:03d}", arch=spec.arch, dataset=spec.dataset,
                      class_ids=spec.class_ids, classes=classes, accuracy=t.accuracy,
-                     best_epoch=t.best_epoch, epochs=t.epochs, steps=t.steps)
+                     best_epoch=t.best_epoch, epochs=t.epochs, steps=t.steps, restarts=t.restarts)
     return row, record, t.state
 
 
@@ -99,7 +103,7 @@ def run(params: Params, project: Project, progress: bool = True,
         triples = (_described(s, sets[s.dataset], t) for s, t in trained_teachers(specs, sets, params, device, show))
     results = project.results("pretrain")
     rows: list[TeacherRow] = []
-    save_pool(project.teachers, _reported(triples, rows, params.pretrain.min_accuracy, results))
+    save_pool(project.teachers, _reported(triples, rows, params, results))
     metrics = pool_metrics(rows)
     metrics["wall_seconds"] = time.perf_counter() - start
     headline.write(results, metrics, headline.pretrain(metrics))

@@ -4,9 +4,9 @@ Done on tensors, on the device that trains, for a whole batch at once: the train
 are padded once per teacher, and each batch is one gather that crops (and mirrors) every
 image at its own random offset. What a dataset allows is a property of the dataset
 (:class:`..data.registry.DatasetInfo`): flips only where a mirror image keeps its class,
-recolouring only where colour carries no class information. The random draws come from the
-caller's CPU generator, so the same seed gives the same batches on any device, and nothing
-touches the global RNG.
+recolouring only where colour carries no class information; the ``augment.*`` knobs override it.
+The random draws come from the caller's CPU generator, so the same seed gives the same batches
+on any device, and nothing touches the global RNG.
 """
 
 from __future__ import annotations
@@ -17,9 +17,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.registry import DATASETS
+from ..config import Params
+from ..data.registry import DATASETS, FOLDER
 
 _PERMUTATIONS = torch.tensor(list(itertools.permutations(range(3))))  # (6, 3)
+
+
+def augmentation_of(dataset: str, params: Params) -> tuple[int, bool, bool]:
+    """(crop padding, flip, recolour) of teacher pretraining on ``dataset``: the registry's facts
+    (``folder``: about 1/8 of its declared side), overridden by the ``augment.*`` knobs."""
+    info, knobs = DATASETS[dataset], params.augment
+    pad = knobs.crop_pad if knobs.crop_pad >= 0 else (
+        max(1, params.folder.image_size // 8) if dataset == FOLDER else info.crop_pad)
+    flip = info.flip if knobs.flip == "auto" else knobs.flip == "on"
+    recolour = info.recolour if knobs.recolour == "auto" else knobs.recolour == "on"
+    return pad, flip, recolour
+
+
+def augmentation_knobs(dataset: str, params: Params) -> str:
+    """The augmentation of ``dataset`` as the knobs that set it, for messages:
+    ``augment.flip=off, augment.recolour=on, augment.crop_pad=4``."""
+    pad, flip, recolour = augmentation_of(dataset, params)
+    return f"augment.flip={'on' if flip else 'off'}, augment.recolour={'on' if recolour else 'off'}, " \
+           f"augment.crop_pad={pad}"
 
 
 @dataclass(frozen=True)
@@ -40,10 +60,12 @@ class Augmentation:
     std: tuple[float, float, float]
 
     @classmethod
-    def for_dataset(cls, dataset: str) -> Augmentation:
-        """The augmentation suited to ``dataset``."""
-        info = DATASETS[dataset]
-        return cls(pad=info.crop_pad, flip=info.flip, recolour=info.recolour, mean=info.mean, std=info.std)
+    def for_dataset(cls, dataset: str, params: Params, mean: tuple[float, float, float],
+                    std: tuple[float, float, float]) -> Augmentation:
+        """The augmentation of ``dataset`` (normalised with ``mean``, ``std``): the dataset's own,
+        with the ``augment.*`` knobs that are not ``auto`` overriding it."""
+        pad, flip, recolour = augmentation_of(dataset, params)
+        return cls(pad=pad, flip=flip, recolour=recolour, mean=mean, std=std)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Pad normalised training images once: (N, C, S, S) → (N, C, S + 2·pad, S + 2·pad).

@@ -23,6 +23,7 @@ class TeacherRow:
         class_ids, classes: its classes (indices into the sorted meta_train classes, names).
         accuracy: held-out accuracy of its kept epoch, percent.
         best_epoch: that epoch (from 1); epochs: epochs trained; steps: optimiser steps taken.
+        restarts: new initialisations tried after a first segment near chance (``pretrain.restarts``).
     """
 
     name: str
@@ -34,6 +35,7 @@ class TeacherRow:
     best_epoch: int
     epochs: int
     steps: int
+    restarts: int = 0
 
     def metrics(self) -> dict:
         return {"accuracy": self.accuracy, "best_epoch": self.best_epoch, "epochs": self.epochs,
@@ -50,13 +52,14 @@ def format_table(rows: list[TeacherRow], min_accuracy: float, names: bool = True
 
     Teachers below ``min_accuracy`` are marked ``LOW``.
     """
-    head = ["teacher", "arch", "dataset", "classes", "held-out acc %", "best epoch", "epochs", "steps"]
+    head = ["teacher", "arch", "dataset", "classes", "held-out acc %", "best epoch", "epochs", "steps", "restarts"]
     if names:
         head.append("class names")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = f"{r.accuracy:.1f}" + (" LOW" if r.accuracy < min_accuracy else "")
-        cells = [r.name, r.arch, r.dataset, _ids(r.class_ids), acc, str(r.best_epoch), str(r.epochs), str(r.steps)]
+        cells = [r.name, r.arch, r.dataset, _ids(r.class_ids), acc, str(r.best_epoch), str(r.epochs), str(r.steps),
+                 str(r.restarts)]
         if names:
             cells.append(", ".join(r.classes))
         lines.append("| " + " | ".join(cells) + " |")
@@ -68,8 +71,10 @@ def format_table(rows: list[TeacherRow], min_accuracy: float, names: bool = True
     return "\n".join(lines) + "\n"
 
 
-def check_quality(rows: list[TeacherRow], min_accuracy: float, table_path: str) -> None:
-    """Raise a :class:`UserError` naming the teachers below ``min_accuracy`` and what to change."""
+def check_quality(rows: list[TeacherRow], min_accuracy: float, table_path: str,
+                  augmentation: dict[str, str] | None = None) -> None:
+    """Raise a :class:`UserError` naming the teachers below ``min_accuracy`` and what to change;
+    ``augmentation``: per dataset, the augmentation knobs in force (named for the weak teachers' datasets)."""
     low = [r for r in rows if r.accuracy < min_accuracy]
     if not low:
         return
@@ -78,6 +83,16 @@ def check_quality(rows: list[TeacherRow], min_accuracy: float, table_path: str) 
     raise UserError(
         f"{len(low)} of {len(rows)} teachers are below pretrain.min_accuracy = {min_accuracy:g} % held-out "
         f"accuracy: {shown}{more}. models/teachers/ is left as it was; the table is in {table_path}. Train longer "
-        "(raise pretrain.steps or pretrain.epochs), give the dataset more images per class, or make the "
-        "teachers' task easier (lower way_pretrain); to accept these teachers, lower pretrain.min_accuracy."
+        "(raise pretrain.max_steps, pretrain.steps or pretrain.epochs), give the dataset more images per class, "
+        f"{_augmentation_hint(low, augmentation or {})}make the teachers' task easier (lower way_pretrain); to "
+        "accept these teachers, lower pretrain.min_accuracy."
     )
+
+
+def _augmentation_hint(low: list[TeacherRow], augmentation: dict[str, str]) -> str:
+    """``check that ... (now glyphs: augment.flip=off, ...), `` for the weak teachers' datasets, or nothing."""
+    shown = [f"{d}: {augmentation[d]}" for d in dict.fromkeys(r.dataset for r in low) if d in augmentation]
+    if not shown:
+        return "or "
+    return ("check that the augmentation keeps a class (set augment.flip or augment.recolour off where a mirrored "
+            f"or recoloured image is no longer of its class; now {'; '.join(shown)}), or ")

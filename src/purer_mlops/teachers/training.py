@@ -66,6 +66,11 @@ def teacher_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+def restart_seed(seed: int, restart: int) -> int:
+    """Seed of restart ``restart`` (from 1) of the teacher seeded ``seed`` (below 2**63 for any valid seed)."""
+    return seed * 256 + restart
+
+
 def block_label_sets(num_classes: int, way: int) -> list[tuple[int, ...]]:
     """Consecutive blocks of ``way`` classes covering 0..num_classes-1 (PURER).
 
@@ -171,11 +176,12 @@ class TrainedTeacher:
     """The outcome of :func:`train_teacher`.
 
     Attributes:
-        state: state dict of the epoch best on the held-out images, as CPU tensors.
+        state: state dict of the evaluation best on the held-out images, as CPU tensors.
         accuracy: its held-out accuracy, percent.
-        best_epoch: that epoch, counted from 1.
-        epochs: epochs trained.
-        steps: optimiser steps taken.
+        best_epoch: the epoch of that evaluation, counted from 1 over the kept attempt.
+        epochs: epochs trained by the kept attempt.
+        steps: optimiser steps taken by the kept attempt.
+        restarts: attempts dropped because their first segment stayed near chance.
     """
 
     state: dict[str, torch.Tensor]
@@ -183,13 +189,14 @@ class TrainedTeacher:
     best_epoch: int
     epochs: int
     steps: int
+    restarts: int = 0
 
 
-def _new_model(spec: TeacherSpec, image_size: int, recipe: str) -> nn.Module:
+def _new_model(spec: TeacherSpec, image_size: int, recipe: str, seed: int) -> nn.Module:
     # seeded init without touching the caller's RNG; the lock keeps a lane training another
     # teacher from drawing from the global generator meanwhile
     with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(seed)
         model = build_backbone(spec.arch, len(spec.class_ids), image_size)
         if recipe == "reference":
             reference_init(model)
@@ -211,49 +218,117 @@ def training_forward(model: nn.Module, params: Params) -> Callable[[torch.Tensor
     return torch.compile(model)
 
 
+OnEpoch = Callable[[int, float, nn.Module], None]
+
+
+class _Attempt:
+    """One initialisation of a teacher and its training so far: the live model, optimiser and batch
+    order, the step and epoch counts, every held-out evaluation (step, accuracy) and the best one."""
+
+    def __init__(self, spec: TeacherSpec, data: tuple[torch.Tensor, ...], imageset: ImageSet, params: Params,
+                 seed: int, device: str | torch.device) -> None:
+        p = params.pretrain
+        self.data, self.params, self.size = data, params, imageset.image_size
+        self.model = _new_model(spec, self.size, p.recipe, seed).to(device, memory_format=torch.channels_last)
+        self.forward = training_forward(self.model, params)
+        self.opt = make_optimizer(spec.arch, self.model, params)
+        self.augment = (Augmentation.for_dataset(spec.dataset, params, imageset.mean, imageset.std)
+                        if p.recipe == "purer-mlops" else None)
+        self.source = self.augment.prepare(data[0]) if self.augment else data[0]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.steps = self.epochs = 0
+        self.curve: list[tuple[int, float]] = []
+        self.best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
+
+    def evaluate(self, epoch: int, on_epoch: OnEpoch | None) -> None:
+        """Score the live model, in epoch ``epoch`` (from 1), on the held-out images; keep a copy
+        when it beats the best so far (higher accuracy; among equals, lower held-out loss)."""
+        acc, held_loss = evaluate(self.model, self.data[2], self.data[3])
+        self.curve.append((self.steps, acc))
+        if self.best is None or (acc, -held_loss) > self.best[0]:
+            self.best = ((acc, -held_loss), epoch, _cpu_copy(self.model))
+        if on_epoch is not None:
+            on_epoch(epoch - 1, acc, self.model)
+
+    def segment(self, epochs: int, on_epoch: OnEpoch | None) -> None:
+        """Train ``epochs`` epochs under a fresh schedule (the cosine restarts from the base rate),
+        evaluating after every epoch, or every ``pretrain.eval_every`` steps and at the end."""
+        p = self.params.pretrain
+        x_tr, y_tr = self.data[0], self.data[1]
+        schedule = make_schedule(p.recipe, self.opt, steps_per_epoch(len(y_tr), p.batch_size), epochs)
+        for _ in range(epochs):
+            self.model.train()
+            for idx in torch.randperm(len(y_tr), generator=self.gen).to(x_tr.device).split(p.batch_size):
+                if len(idx) < 2:  # BatchNorm cannot train on one image at 1×1 resolution
+                    continue
+                x = self.augment.batch(self.source, idx, self.size, self.gen) if self.augment else x_tr[idx]
+                loss = F.cross_entropy(self.forward(x), y_tr[idx])
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
+                self.opt.step()
+                schedule.step()
+                self.steps += 1
+                if p.eval_every and self.steps % p.eval_every == 0:
+                    self.evaluate(self.epochs + 1, None)
+                    self.model.train()
+            self.epochs += 1
+            if not p.eval_every:
+                self.evaluate(self.epochs, on_epoch)
+        if p.eval_every and (not self.curve or self.curve[-1][0] != self.steps):
+            self.evaluate(self.epochs, None)
+
+    def still_rising(self, patience: int, segment: int, min_delta: float) -> bool:
+        """Whether the held-out accuracy rose by more than ``min_delta`` points above every earlier
+        evaluation within the last ``patience`` steps (at most half of a ``segment``), short of
+        100 %: the curve has not reached a plateau."""
+        since = self.steps - min(patience, segment // 2)
+        recent = [acc for step, acc in self.curve if step > since]
+        earlier = [acc for step, acc in self.curve if step <= since]
+        if not recent or not earlier or max(recent) >= 100.0:  # a perfect teacher has nothing left to gain
+            return False
+        return max(recent) > max(earlier) + min_delta
+
+
+def near_chance(accuracy: float, classes: int, factor: float) -> bool:
+    """Whether ``accuracy`` (percent) is below ``factor`` times chance (100 / ``classes``)."""
+    return accuracy < factor * 100.0 / classes
+
+
 def train_teacher(spec: TeacherSpec, imageset: ImageSet, params: Params,
-                  device: str | torch.device = "cpu",
-                  on_epoch: Callable[[int, float, nn.Module], None] | None = None) -> TrainedTeacher:
+                  device: str | torch.device = "cpu", on_epoch: OnEpoch | None = None) -> TrainedTeacher:
     """Train one teacher on its classes of ``imageset`` (the meta_train split of ``spec.dataset``).
 
-    The kept epoch has the best held-out accuracy; among equals, the lowest held-out loss.
+    With ``pretrain.epochs`` set: exactly that many epochs. Otherwise a budget that follows the
+    held-out curve: a first segment of ``pretrain.steps`` steps (whole epochs, one cosine); an
+    attempt whose best held-out accuracy is then below ``pretrain.restart_below`` × chance starts
+    again from a new initialisation and batch order (at most ``pretrain.restarts`` times); then
+    further segments of the same length, each a new cosine from the live weights, while the
+    accuracy still rose in the last ``pretrain.patience`` steps and the next segment fits in
+    ``pretrain.max_steps``. The kept weights are the best evaluation's (ties: lower held-out loss).
 
     Args:
-        on_epoch: called after each epoch with (epoch from 0, held-out accuracy, live model).
+        on_epoch: called after each epoch's evaluation with (epoch from 0, held-out accuracy, live model),
+            when evaluations follow epochs (``pretrain.eval_every`` 0).
     """
     p = params.pretrain
-    x_tr, y_tr, x_ho, y_ho = teacher_data(spec, imageset, params, device)
-    model = _new_model(spec, imageset.image_size, p.recipe).to(device, memory_format=torch.channels_last)
-    forward = training_forward(model, params)
-    per_epoch = steps_per_epoch(len(y_tr), p.batch_size)
-    epochs = epochs_for(params, len(y_tr))
-    opt = make_optimizer(spec.arch, model, params)
-    schedule = make_schedule(p.recipe, opt, per_epoch, epochs)
-    augment = Augmentation.for_dataset(spec.dataset) if p.recipe == "purer-mlops" else None
-    source = augment.prepare(x_tr) if augment else x_tr
-    gen = torch.Generator().manual_seed(spec.seed)
-    best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
-    steps = 0
-    for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(y_tr), generator=gen).to(device).split(p.batch_size):
-            if len(idx) < 2:  # BatchNorm cannot train on one image at 1×1 resolution
-                continue
-            x = augment.batch(source, idx, imageset.image_size, gen) if augment else x_tr[idx]
-            loss = F.cross_entropy(forward(x), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            opt.step()
-            schedule.step()
-            steps += 1
-        acc, held_loss = evaluate(model, x_ho, y_ho)
-        if best is None or (acc, -held_loss) > best[0]:
-            best = ((acc, -held_loss), epoch + 1, _cpu_copy(model))
-        if on_epoch is not None:
-            on_epoch(epoch, acc, model)
-    assert best is not None  # epochs >= 1: steps >= 1 and epochs >= 0 are validated by the config
-    return TrainedTeacher(state=best[2], accuracy=best[0][0], best_epoch=best[1], epochs=epochs, steps=steps)
+    data = teacher_data(spec, imageset, params, device)
+    epochs = epochs_for(params, len(data[1]))
+    restarts = 0
+    run = _Attempt(spec, data, imageset, params, spec.seed, device)
+    run.segment(epochs, on_epoch)
+    while (not p.epochs and restarts < p.restarts
+           and near_chance(run.best[0][0], len(spec.class_ids), p.restart_below)):
+        restarts += 1
+        run = _Attempt(spec, data, imageset, params, restart_seed(spec.seed, restarts), device)
+        run.segment(epochs, on_epoch)
+    segment = run.steps  # steps of one segment
+    while (not p.epochs and run.steps + segment <= p.max_steps
+           and run.still_rising(p.patience, segment, p.min_delta)):
+        run.segment(epochs, on_epoch)
+    (acc, _), best_epoch, state = run.best
+    return TrainedTeacher(state=state, accuracy=acc, best_epoch=best_epoch, epochs=run.epochs, steps=run.steps,
+                          restarts=restarts)
 
 
 def trained_teachers(specs: list[TeacherSpec], sets: dict[str, ImageSet], params: Params, device: str | torch.device,
