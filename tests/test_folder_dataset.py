@@ -78,3 +78,34 @@ def test_augmentation_knobs_default_to_the_dataset_and_override_it(tmp_path: Pat
     assert load_params(tmp_path / "params.yaml").augment.flip == "on"
     text = augmentation_knobs("glyphs", from_dict({}))
     assert text == "augment.flip=off, augment.recolour=on, augment.crop_pad=4"
+
+
+def write_coloured_folder(raw: Path, own_colour: bool, classes: int = 4, images: int = 8) -> None:
+    """A seed-layout folder of 16-pixel images, a square whose size is the class: drawn in the class's
+    own colour (``own_colour``) or in a random colour per image (colour carries no class)."""
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (classes, 3))
+    for split in ("meta_train", "meta_val", "meta_test"):
+        for c in range(classes):
+            folder = raw / split / f"{split}_class{c}"  # each class in one split
+            folder.mkdir(parents=True)
+            for i in range(images):
+                colour = palette[c] if own_colour else rng.integers(0, 256, 3)
+                pixels = np.full((16, 16, 3), 255, dtype=np.uint8)
+                pixels[2:5 + 3 * c, 2:5 + 3 * c] = colour
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("own_colour", [False, True])
+def test_recolouring_follows_whether_the_folders_colours_carry_the_class(tmp_path: Path, own_colour: bool) -> None:
+    write_coloured_folder(tmp_path / "data" / "raw" / "folder", own_colour)
+    project, params = Project(tmp_path), from_dict({"dataset": "folder", "folder": {"image_size": 16}})
+    prepare(params, project, progress=False)
+    filelist(params, project)
+    record = json.loads((project.dataset("folder") / "split" / "normalisation.json").read_text())
+    assert (record["colour_f"] > 20) if own_colour else (record["colour_f"] < 2)
+    train = load_split("folder", project.dataset("folder"), "meta_train")
+    assert record["recolour"] is train.recolour is (not own_colour)
+    assert augmentation_of("folder", params, train.recolour)[2] is (not own_colour)  # augment.recolour: auto
+    forced = params.replace(**{"augment.recolour": "on" if own_colour else "off"})
+    assert augmentation_of("folder", forced, train.recolour)[2] is own_colour  # the knob overrides the data

@@ -65,7 +65,7 @@ class AugmentParams:
                      "`off` where it does not (characters); `auto`: the dataset's (on for the photo datasets, off "
                      "for glyphs and folder)", PRETRAIN, choices=("auto", "on", "off"))
     recolour: str = knob("auto", "permute the RGB channels and invert: `on` where colour carries no class "
-                         "information; `auto`: the dataset's (on for glyphs only)", PRETRAIN,
+                         "information; `auto`: the dataset's (on for glyphs; folder: measured by filelist)", PRETRAIN,
                          choices=("auto", "on", "off"))
     crop_pad: int = knob(-1, "pixels of padding before a random crop back to the image size (0: no crops); -1: "
                          "the dataset's (about 1/8 of the side)", PRETRAIN, ge=-1)

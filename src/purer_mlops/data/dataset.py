@@ -87,6 +87,8 @@ class ImageSet:
         mean, std: normalisation constants of the dataset (RGB).
         name: ``<dataset>/<split>``.
         source: the filelist the images were listed in (image i on its line i + 2), if any.
+        recolour: recolouring keeps a class (colour carries no class information: the dataset's
+            fact, ``DatasetInfo.recolour``, measured for ``folder``), which teacher pretraining uses.
     """
 
     images: torch.Tensor
@@ -96,6 +98,7 @@ class ImageSet:
     std: tuple[float, float, float]
     name: str
     source: Path | None = None
+    recolour: bool = False
 
     def __post_init__(self) -> None:
         order = torch.argsort(self.labels, stable=True)
@@ -152,7 +155,7 @@ def load_split(dataset: str, root: Path, split: str, progress: bool = False) -> 
         images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         labels=torch.tensor([index[c] for _, c in rows], dtype=torch.int64),
         classes=classes, mean=info.mean, std=info.std, name=f"{dataset}/{split}",
-        source=filelist_path(root, split),
+        source=filelist_path(root, split), recolour=info.recolour,
     )
 
 

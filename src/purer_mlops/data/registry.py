@@ -76,8 +76,9 @@ DATASETS: dict[str, DatasetInfo] = {
         "flower", 84, IMAGENET_MEAN, IMAGENET_STD, ("data/raw/flower/jpg/", "data/raw/flower/imagelabels.mat"),
         crop_pad=8,
     ),
-    # the user's own folder: size and normalisation are placeholders, replaced by dataset_info; no
-    # flips nor recolouring unless the user says they keep a class (augment.*)
+    # the user's own folder: size, normalisation and recolouring are placeholders, replaced by
+    # dataset_info from what filelist measured (recolour when colour carries no class); no flips
+    # unless the user says they keep a class (augment.flip)
     "folder": DatasetInfo("folder", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
                           ("data/raw/folder/ (the seed's layout: meta_train/<class>/<image> ...)",),
                           flip=False, recolour=False),
@@ -89,7 +90,7 @@ NORMALISATION_FILE = "normalisation.json"  # in data/folder/split/, beside the f
 
 def dataset_info(name: str, root: Path) -> DatasetInfo:
     """The facts of dataset ``name`` laid out at ``root`` (``data/<name>``): the registry's, with, for
-    ``folder``, the image size and normalisation recorded with its filelists."""
+    ``folder``, the image size, normalisation and colour test recorded with its filelists."""
     info = DATASETS[name]
     if name != FOLDER:
         return info
@@ -98,4 +99,4 @@ def dataset_info(name: str, root: Path) -> DatasetInfo:
         raise UserError(f"{path} not found: run `dvc repro filelist` (or `purer filelist`) with dataset: folder.")
     record = json.loads(path.read_text())
     return dataclasses.replace(info, image_size=int(record["image_size"]), mean=tuple(record["mean"]),
-                               std=tuple(record["std"]))
+                               std=tuple(record["std"]), recolour=bool(record.get("recolour", False)))

@@ -44,9 +44,11 @@ def pool_metrics(rows: list[TeacherRow]) -> dict:
 
 
 def _reported(pairs: Iterable[tuple[TeacherRow, TeacherRecord, dict[str, torch.Tensor]]], rows: list[TeacherRow],
-              params: Params, results: Path) -> Iterator[tuple[TeacherRecord, dict[str, torch.Tensor]]]:
+              params: Params, results: Path, knobs: dict[str, str] | None
+              ) -> Iterator[tuple[TeacherRecord, dict[str, torch.Tensor]]]:
     """Pass the pool on to :func:`save_pool`, collecting its rows in ``rows``; once every teacher
-    is through, print and write the table and apply the quality check. Raising here, inside the
+    is through, print and write the table and apply the quality check (its message names ``knobs``,
+    the augmentation in force per dataset). Raising here, inside the
     stream, makes ``save_pool`` drop the new folder and keep the previous pool."""
     min_accuracy = params.pretrain.min_accuracy
     for row, record, state in pairs:
@@ -58,8 +60,6 @@ def _reported(pairs: Iterable[tuple[TeacherRow, TeacherRecord, dict[str, torch.T
     note = ("\n**Failed:** teachers below pretrain.min_accuracy; models/teachers/ was not replaced.\n"
             if low else "")
     write_text(table, "# Teacher pool\n\n" + format_table(rows, min_accuracy) + note)
-    knobs = ({d: augmentation_knobs(d, params) for d in params.teacher_datasets}
-             if params.pretrain.recipe == "purer-mlops" else None)
     check_quality(rows, min_accuracy, str(Path("results") / "pretrain" / table.name), knobs)
 
 
@@ -103,7 +103,9 @@ def run(params: Params, project: Project, progress: bool = True,
         triples = (_described(s, sets[s.dataset], t) for s, t in trained_teachers(specs, sets, params, device, show))
     results = project.results("pretrain")
     rows: list[TeacherRow] = []
-    save_pool(project.teachers, _reported(triples, rows, params, results))
+    knobs = ({d: augmentation_knobs(d, params, s.recolour) for d, s in sets.items()}  # named when teachers are weak
+             if params.pretrain.recipe == "purer-mlops" else None)
+    save_pool(project.teachers, _reported(triples, rows, params, results, knobs))
     metrics = pool_metrics(rows)
     metrics["wall_seconds"] = time.perf_counter() - start
     headline.write(results, metrics, headline.pretrain(metrics))

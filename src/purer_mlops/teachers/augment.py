@@ -23,21 +23,24 @@ from ..data.registry import DATASETS, FOLDER
 _PERMUTATIONS = torch.tensor(list(itertools.permutations(range(3))))  # (6, 3)
 
 
-def augmentation_of(dataset: str, params: Params) -> tuple[int, bool, bool]:
-    """(crop padding, flip, recolour) of teacher pretraining on ``dataset``: the registry's facts
-    (``folder``: about 1/8 of its declared side), overridden by the ``augment.*`` knobs."""
+def augmentation_of(dataset: str, params: Params, recolour_keeps_class: bool | None = None
+                    ) -> tuple[int, bool, bool]:
+    """(crop padding, flip, recolour) of teacher pretraining on ``dataset``: the dataset's facts
+    (the registry's; ``folder``: about 1/8 of its declared side, and ``recolour_keeps_class`` as
+    its filelist measured it, ``ImageSet.recolour``), overridden by the ``augment.*`` knobs."""
     info, knobs = DATASETS[dataset], params.augment
+    colour_free = info.recolour if recolour_keeps_class is None else recolour_keeps_class
     pad = knobs.crop_pad if knobs.crop_pad >= 0 else (
         max(1, params.folder.image_size // 8) if dataset == FOLDER else info.crop_pad)
     flip = info.flip if knobs.flip == "auto" else knobs.flip == "on"
-    recolour = info.recolour if knobs.recolour == "auto" else knobs.recolour == "on"
+    recolour = colour_free if knobs.recolour == "auto" else knobs.recolour == "on"
     return pad, flip, recolour
 
 
-def augmentation_knobs(dataset: str, params: Params) -> str:
+def augmentation_knobs(dataset: str, params: Params, recolour_keeps_class: bool | None = None) -> str:
     """The augmentation of ``dataset`` as the knobs that set it, for messages:
     ``augment.flip=off, augment.recolour=on, augment.crop_pad=4``."""
-    pad, flip, recolour = augmentation_of(dataset, params)
+    pad, flip, recolour = augmentation_of(dataset, params, recolour_keeps_class)
     return f"augment.flip={'on' if flip else 'off'}, augment.recolour={'on' if recolour else 'off'}, " \
            f"augment.crop_pad={pad}"
 
@@ -61,10 +64,10 @@ class Augmentation:
 
     @classmethod
     def for_dataset(cls, dataset: str, params: Params, mean: tuple[float, float, float],
-                    std: tuple[float, float, float]) -> Augmentation:
+                    std: tuple[float, float, float], recolour_keeps_class: bool | None = None) -> Augmentation:
         """The augmentation of ``dataset`` (normalised with ``mean``, ``std``): the dataset's own,
         with the ``augment.*`` knobs that are not ``auto`` overriding it."""
-        pad, flip, recolour = augmentation_of(dataset, params)
+        pad, flip, recolour = augmentation_of(dataset, params, recolour_keeps_class)
         return cls(pad=pad, flip=flip, recolour=recolour, mean=mean, std=std)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

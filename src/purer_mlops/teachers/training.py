@@ -232,7 +232,7 @@ class _Attempt:
         self.model = _new_model(spec, self.size, p.recipe, seed).to(device, memory_format=torch.channels_last)
         self.forward = training_forward(self.model, params)
         self.opt = make_optimizer(spec.arch, self.model, params)
-        self.augment = (Augmentation.for_dataset(spec.dataset, params, imageset.mean, imageset.std)
+        self.augment = (Augmentation.for_dataset(spec.dataset, params, imageset.mean, imageset.std, imageset.recolour)
                         if p.recipe == "purer-mlops" else None)
         self.source = self.augment.prepare(data[0]) if self.augment else data[0]
         self.gen = torch.Generator().manual_seed(seed)
