@@ -32,13 +32,12 @@ from PIL import Image
 from purer_mlops.meta import scoring as metatest
 from purer_mlops.meta.baselines import teacher_accuracies
 from purer_mlops.meta.checkpoint import load_model
-from purer_mlops.meta.heads import frozen_embed, head_probs
+from purer_mlops.meta.heads import accuracies, frozen_embed, frozen_head_probs, head_probs
 from purer_mlops.meta.icfil import ICFIL
 from purer_mlops.meta.tasks import stack_tasks
 from purer_mlops.models.learners import build_learner
 from purer_mlops.models.pool_storage import load_pool
 from purer_mlops.paths import Project
-from purer_mlops.serve.ensemble import ensemble_accuracies
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -114,11 +113,15 @@ def test_adapt_serves_the_teachers_ensemble_of_the_comparison_table_by_default(a
     assert summary["accuracy"] == pytest.approx(100.0 * accuracy.item(), abs=1e-4)
 
 
-def test_the_ensembles_accuracies_embedding_each_image_once_are_the_table_rows(adapt_project: Path) -> None:
+def test_the_teacher_rows_embedding_each_image_once_equal_the_served_ensemble_task_by_task(
+        adapt_project: Path) -> None:
     test, tasks = metatest.fixed_test_tasks(adapt_params(episode_test=6), Project(adapt_project))
     pool = load_pool(Project(adapt_project).teachers)
-    _, row = teacher_accuracies(pool, test, tasks)  # the teachers-ensemble row (registry's meta-val tag)
-    assert torch.equal(ensemble_accuracies(pool, test, tasks), row)
+    each, row = teacher_accuracies(pool, test, tasks)  # the table's rows and the registry's meta-val score
+    per_task, yq = head_probs([frozen_embed(m.eval()) for _, m in pool], test, tasks)  # as `purer adapt` embeds
+    assert torch.equal(each, accuracies(per_task, yq)) and torch.equal(row, accuracies(per_task.mean(0), yq))
+    probs, _ = frozen_head_probs([m for _, m in pool], test, tasks, chunk=7)  # chunks that cut tasks apart
+    torch.testing.assert_close(probs, per_task, atol=2e-6, rtol=0)
     assert len(set(row.tolist())) > 1  # tasks that differ: not a constant
 
 

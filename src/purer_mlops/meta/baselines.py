@@ -9,7 +9,8 @@ meta-model, so all differences pair:
   meta-training selects its checkpoints on), then scored on meta-test;
 - ``teacher-mean``: per task, the mean over the teachers of their meta-test accuracies;
 - ``teachers-ensemble``: the mean over the teachers of their heads' probabilities, one
-  classifier that costs N teacher forward passes per image (N teachers).
+  classifier that costs N teacher forward passes per image (N teachers); the registry's meta-val
+  score of the served ensemble (:mod:`~purer_mlops.serve.registry`) is this row on meta-val.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..data.dataset import ImageSet, TaskIndices, fixed_tasks, load_split
 from ..errors import UserError
 from ..models.pool_storage import TeacherRecord, load_pool
 from ..paths import Project
-from .heads import FORM, accuracies, frozen_embed, head_probs
+from .heads import FORM, accuracies, frozen_head_probs
 
 TEACHER_METHODS = ("teacher-best", "teacher-mean", "teachers-ensemble")
 
@@ -93,7 +94,7 @@ def teacher_accuracies(teachers: Sequence[tuple[TeacherRecord, torch.nn.Module]]
     blocker = space_blocker([r for r, _ in teachers], imageset)
     if blocker:
         raise UserError(blocker + ".")
-    probs, yq = head_probs([frozen_embed(m.eval()) for _, m in teachers], imageset, tasks, form=form)  # (N, T, Q, way)
+    probs, yq = frozen_head_probs([m for _, m in teachers], imageset, tasks, form=form)  # (N, T, Q, way)
     return accuracies(probs, yq), accuracies(probs.mean(0), yq)
 
 

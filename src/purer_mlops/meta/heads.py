@@ -24,7 +24,7 @@ from torch.func import vmap
 from ..data.dataset import ImageSet, TaskIndices
 from ..models.backbones import fast_forward
 from ..models.learners import prototype_logits, prototypes
-from .tasks import stack_tasks
+from .tasks import stack_tasks, task_labels
 
 # embed(images (T, N, 3, S, S)) -> embeddings (T, N, D): the N images of each of T tasks
 TaskEmbed = Callable[[torch.Tensor], torch.Tensor]
@@ -96,6 +96,32 @@ def head_probs(embeds: Sequence[TaskEmbed], imageset: ImageSet, tasks: Sequence[
             out.append(task_probs(embed, batch.xs, batch.ys, batch.xq, batch.way, form).cpu())
         labels.append(batch.yq.cpu())
     return torch.stack([torch.cat(p) for p in probs]), torch.cat(labels)
+
+
+@torch.no_grad()
+def frozen_head_probs(models: Sequence[nn.Module], imageset: ImageSet, tasks: Sequence[TaskIndices], *,
+                      form: str = FORM, chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`head_probs` of frozen models (eval mode, teachers): probabilities (M, T, Q, way), labels (T, Q).
+
+    A frozen model embeds every image on its own, so each image the tasks draw is embedded once
+    per model, not once per task that draws it: the same probabilities for a fraction of the work
+    (the 100 default meta-val tasks draw 1600 images 8000 times). ``chunk`` images go through at a
+    time; the embeddings (U, D) of the U images drawn are all that is kept.
+    """
+    sup = torch.stack([t[1] for t in tasks]).flatten(1)  # (T, way·shot) image indices
+    qry = torch.stack([t[2] for t in tasks]).flatten(1)  # (T, way·query)
+    way, shot = tasks[0][1].shape
+    used, where = torch.unique(torch.cat([sup, qry], 1), return_inverse=True)  # where: (T, way·(shot+query))
+    ys, yq = task_labels(len(tasks), way, shot, "cpu"), task_labels(len(tasks), way, qry.shape[1] // way, "cpu")
+    probs = []
+    for model in models:
+        device = next(model.parameters()).device
+        with fast_forward():
+            z = torch.cat([model.eval().features(imageset.normalize(imageset.images[batch]).to(device)).cpu()
+                           for batch in used.split(chunk)])  # (U, D)
+        zs, zq = z[where[:, :sup.shape[1]]], z[where[:, sup.shape[1]:]]  # (T, way·shot, D), (T, way·query, D)
+        probs.append(vmap(head_logits, in_dims=(0, 0, 0, None, None))(zs, ys, zq, way, form).softmax(-1))
+    return torch.stack(probs), yq
 
 
 def accuracies(probs: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:

@@ -16,20 +16,16 @@ Why it is the default: no data-free meta-model of this project reaches it on met
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import vmap
 
 from ..config import Params
-from ..data.dataset import ImageSet, TaskIndices
 from ..errors import UserError
-from ..meta.heads import FORM, accuracies, ensemble_probs, frozen_embed, head_logits
-from ..meta.tasks import task_labels
-from ..models.backbones import fast_forward
+from ..meta.heads import ensemble_probs, frozen_embed
 from ..models.pool_storage import TeacherRecord, load_pool
 
 KIND = "teachers-ensemble"
@@ -81,28 +77,3 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu") -> TeachersE
     card = {"model": KIND, "teachers": [r.name for r, _ in pool], "image_size": first.image_size,
             "mean": list(first.mean), "std": list(first.std)}
     return TeachersEnsemble(pool, card)
-
-
-@torch.no_grad()
-def ensemble_accuracies(teachers: Sequence[tuple[TeacherRecord, nn.Module]], imageset: ImageSet,
-                        tasks: Sequence[TaskIndices], chunk: int = 500) -> torch.Tensor:
-    """Per-task accuracy (T,) of the teachers' ensemble: the ``teachers-ensemble`` row's
-    (:func:`~purer_mlops.meta.baselines.teacher_accuracies`), with every image the tasks use
-    embedded once per teacher rather than once per task that draws it.
-
-    The teachers embed each image on its own (eval mode), so the result is the same; on the 100
-    default meta-val tasks (8000 draws of 1600 images) it is 5 times less work.
-    """
-    sup = torch.stack([t[1] for t in tasks]).flatten(1)  # (T, way·shot) image indices
-    qry = torch.stack([t[2] for t in tasks]).flatten(1)  # (T, way·query)
-    way, shot = tasks[0][1].shape
-    used, where = torch.unique(torch.cat([sup, qry], 1), return_inverse=True)  # where: (T, way·(shot+query))
-    images = imageset.normalize(imageset.images[used])  # (U, 3, S, S)
-    ys, yq = task_labels(len(tasks), way, shot, "cpu"), task_labels(len(tasks), way, qry.shape[1] // way, "cpu")
-    probs = []
-    for _, model in teachers:
-        with fast_forward():
-            z = torch.cat([model.eval().features(batch) for batch in images.split(chunk)])  # (U, D)
-        zs, zq = z[where[:, :sup.shape[1]]], z[where[:, sup.shape[1]:]]  # (T, way·shot, D), (T, way·query, D)
-        probs.append(vmap(head_logits, in_dims=(0, 0, 0, None, None))(zs, ys, zq, way, FORM).softmax(-1))
-    return accuracies(torch.stack(probs).mean(0), yq)

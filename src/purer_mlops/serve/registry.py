@@ -47,15 +47,15 @@ def ensemble_val_accuracy(params: Params, project: Project) -> float | None:
     comparison table's ``teachers-ensemble`` row computes it; None when the pool's image space is
     not the dataset's (the ensemble cannot be served on it)."""
     from ..data.dataset import load_split
-    from ..meta.baselines import meta_val_tasks, space_blocker
+    from ..meta.baselines import meta_val_tasks, space_blocker, teacher_accuracies
     from ..models.pool_storage import load_pool
-    from .ensemble import ensemble_accuracies
 
     val = load_split(params.dataset, project.dataset(params.dataset), "meta_val")
     pool = load_pool(project.teachers)
     if space_blocker([r for r, _ in pool], val):
         return None
-    return 100.0 * float(ensemble_accuracies(pool, val, meta_val_tasks(params, val, params.num_sup_test)).mean())
+    _, ensemble = teacher_accuracies(pool, val, meta_val_tasks(params, val, params.num_sup_test))
+    return 100.0 * float(ensemble.mean())
 
 
 def val_key(client: Any, run_id: str, params: Params) -> str | None:
