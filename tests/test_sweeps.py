@@ -213,6 +213,7 @@ def test_an_unknown_reference_is_one_line_naming_the_settings(repo):
     check_one_error_line(proc, "seed", "not a param")
 
 
-def test_experiments_without_a_meta_test_accuracy_are_refused(tmp_path):
+def test_experiments_without_a_meta_val_or_meta_test_accuracy_are_refused(tmp_path):
     root = make_dvc_repo(tmp_path / "repo", CLONE_TINY)  # never reproduced: no metrics
-    check_one_error_line(run_purer(root, "summarize"), "no experiment has a meta-test accuracy", "dvc exp run")
+    proc = run_purer(root, "summarize")
+    check_one_error_line(proc, "no experiment has a meta-val or meta-test accuracy", "dvc exp run")

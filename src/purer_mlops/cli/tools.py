@@ -157,6 +157,7 @@ FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 @click.command()
+@click.argument("run_folders", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @ROOT
 @click.option("--reference", default=None, metavar="KEY=VALUE[,...]",
               help="The setting the others are compared with, paired by seed (e.g. adv_scale=10).")
@@ -166,21 +167,27 @@ FILE = click.Path(dir_okay=False, path_type=Path)
               help="Also plot each setting (PNG): one dot per seed, the mean with its 95% interval.")
 @click.option("--mlflow/--no-mlflow", "to_mlflow", default=True, show_default=True,
               help="Log the summary as a run of the project's MLflow experiment (when tracking is on).")
-def summarize(project: Project, reference: str | None, markdown_path: Path | None, csv_path: Path | None,
-              plot_path: Path | None, to_mlflow: bool) -> None:
-    """Compare the DVC experiments' settings over their seeds.
+def summarize(run_folders: tuple[Path, ...], project: Project, reference: str | None, markdown_path: Path | None,
+              csv_path: Path | None, plot_path: Path | None, to_mlflow: bool) -> None:
+    """Compare the settings of DVC experiments (or of RUN_FOLDERS) over their seeds.
 
     Groups the finished experiments of `dvc exp show` by every parameter except `seed`; per
     setting: the number of seeds, the mean and 95% t-interval of meta-val (best) and meta-test
     accuracy and, with --reference, the difference to that setting paired by seed with its
     t-interval and p-value. Run a sweep first, e.g.
     `dvc exp run --queue -S 'adv_scale=0.5,10' -S 'seed=range(0,3)'` and `dvc queue start`.
+
+    RUN_FOLDERS, when given, replace the DVC experiments: each is a project folder of one run
+    (`purer metatrain --root FOLDER`, and `purer metatest --root FOLDER` if it ran), read from
+    its params.yaml and results/*/metrics.json. A folder without meta-test shows n/a there:
+    the way to choose a setting on meta-val without touching meta-test (docs/tracking.md).
     """
     from ..sweeps import summarize_experiments
 
     params = read_params(project, None)
     experiment = params.experiment_name if to_mlflow and params.tracking else None
-    table, run_id = summarize_experiments(project.root, reference, markdown_path=markdown_path,
+    table, run_id = summarize_experiments(project.root, reference, folders=list(run_folders),
+                                          markdown_path=markdown_path,
                                           csv_path=csv_path, plot_path=plot_path, experiment=experiment)
     click.echo(table, nl=False)
     if run_id:

@@ -1,8 +1,10 @@
-"""The runs of a set of DVC experiments: each one's parameters, seed and headline metrics.
+"""The runs of a set of experiments: each one's parameters, seed and headline metrics.
 
-Read from ``dvc exp show --json`` (DVC's own view: the baseline commit and its experiments,
+Two sources: ``dvc exp show --json`` (DVC's own view: the baseline commit and its experiments,
 queued or failed ones without metrics left out), so a summary covers exactly what the
-experiments table lists.
+experiments table lists; or run folders, each the ``--root`` of ``purer metatrain`` (and
+``purer metatest``): its ``params.yaml`` and ``results/*/metrics.json``. A run needs a meta-val
+or a meta-test accuracy: a sweep that selects on meta-val never runs meta-test.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..errors import UserError
 from ..stages.headline import TEST_ACC, VAL_BEST
@@ -29,7 +33,7 @@ class Run:
     seed: int
     params: dict[str, Any]
     val: float | None  # best meta-val accuracy (percent), the selected model's
-    test: float  # meta-test accuracy (percent)
+    test: float | None  # meta-test accuracy (percent); None where meta-test was not run
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,20 +68,27 @@ def _entries(shown: list[dict]) -> Iterator[tuple[str, dict]]:
                 yield rev.get("name") or rev["rev"][:7], rev.get("data") or {}
 
 
-def _run(name: str, data: dict) -> Run | None:
-    """The run of one entry, or None when it has no meta-test accuracy (queued, failed)."""
-    metrics: dict[str, Any] = {}
-    for found in (data.get("metrics") or {}).values():
-        metrics.update(flatten(found.get("data") or {}))
-    params: dict[str, Any] = {}
-    for found in (data.get("params") or {}).values():
-        params.update(flatten(found.get("data") or {}))
-    if not isinstance(metrics.get(TEST_ACC), (int, float)) or SEED not in params:
+def _number(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if is_number(value) else None
+
+
+def _run(name: str, params: dict[str, Any], metrics: dict[str, Any]) -> Run | None:
+    """The run of flattened ``params`` and ``metrics``, or None when it has neither a meta-val nor
+    a meta-test accuracy (queued, failed) or no seed."""
+    val, test = _number(metrics, VAL_BEST), _number(metrics, TEST_ACC)
+    if (val is None and test is None) or SEED not in params:
         return None
-    seed = params.pop(SEED)
-    val = metrics.get(VAL_BEST)
-    return Run(name, int(seed), params, float(val) if isinstance(val, (int, float)) else None,
-               float(metrics[TEST_ACC]))
+    params = dict(params)
+    return Run(name, int(params.pop(SEED)), params, val, test)
+
+
+def _found(data: dict, kind: str) -> dict[str, Any]:
+    """The ``kind`` ("metrics" or "params") of one ``dvc exp show`` entry, all files flattened into one."""
+    out: dict[str, Any] = {}
+    for found in (data.get(kind) or {}).values():
+        out.update(flatten(found.get("data") or {}))
+    return out
 
 
 def dvc_runs(shown: list[dict]) -> list[Run]:
@@ -85,13 +96,48 @@ def dvc_runs(shown: list[dict]) -> list[Run]:
     listed: a run repeated with the same params and seed gives the same numbers on one machine)."""
     runs: dict[tuple[str, int], Run] = {}
     for name, data in _entries(shown):
-        run = _run(name, data)
+        run = _run(name, _found(data, "params"), _found(data, "metrics"))
         if run is not None:
             runs.setdefault((setting_key(run.params), run.seed), run)
     if not runs:
-        raise UserError(f"no experiment has a meta-test accuracy ({TEST_ACC} in results/metatest/metrics.json): "
-                        "run `dvc repro` or `dvc exp run` (and `dvc queue start`) first.")
+        raise UserError(f"no experiment has a meta-val or meta-test accuracy ({VAL_BEST}, {TEST_ACC} in "
+                        "results/*/metrics.json): run `dvc repro` or `dvc exp run` (and `dvc queue start`) first.")
     return list(runs.values())
+
+
+def _read(path: Path, what: str) -> dict[str, Any]:
+    """A JSON or YAML mapping; one-line errors for an unreadable or non-mapping file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {what} {path}: {type(err).__name__}. Give run folders that "
+                        "`purer metatrain --root` wrote.") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} is not a mapping: give run folders that `purer metatrain --root` wrote.")
+    return data
+
+
+def folder_runs(folders: list[Path]) -> list[Run]:
+    """The runs of project folders (each a ``purer metatrain --root``): ``params.yaml`` and the
+    metrics of ``results/metatrain`` and, where it ran, ``results/metatest``; named by the folder."""
+    runs = []
+    for folder in folders:
+        params = flatten(_read(folder / "params.yaml", "the run's params"))
+        metrics: dict[str, Any] = {}
+        for stage in ("metatrain", "metatest"):
+            if (folder / "results" / stage / "metrics.json").is_file():
+                metrics.update(_read(folder / "results" / stage / "metrics.json", f"the {stage} metrics"))
+        run = _run(folder.name, params, metrics)
+        if run is None:
+            raise UserError(f"{folder} has no finished run (no {VAL_BEST} in results/metatrain/metrics.json nor "
+                            f"{TEST_ACC} in results/metatest/metrics.json, or no seed): run `purer metatrain "
+                            f"--root {folder}` first, or leave it out.")
+        twin = next((r for r in runs if r.seed == run.seed and setting_key(r.params) == setting_key(run.params)), None)
+        if twin is not None:
+            raise UserError(f"{folder} repeats run folder {twin.name}: the same params and seed {run.seed}. "
+                            "Give each setting and seed once.")
+        runs.append(run)
+    return runs
 
 
 def is_number(value: Any) -> bool:

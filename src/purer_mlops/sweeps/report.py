@@ -26,6 +26,8 @@ def _diff(row: dict[str, Any], metric: str) -> str:
     if row.get("reference"):
         return "reference"
     mean, half, p = row[f"d_{metric}"], row[f"d_{metric}_ci"], row[f"d_{metric}_p"]
+    if math.isnan(row[f"{metric}_mean"]):
+        return "n/a"  # not measured (a sweep on meta-val runs no meta-test)
     if mean is None or math.isnan(mean):
         return "no shared seed"
     text = f"{mean:+.2f}" + ("" if math.isnan(half) else f" ± {half:.2f}")
