@@ -10,6 +10,11 @@ meta-val tasks (seed ``--task-seed``; 5-way 1-shot, 15 queries) with both heads:
 own test-time adaptation (as meta-training's validation) and nearest prototype on its embedding.
 Rows are appended to ``<out>/search.csv``; per-task accuracies to ``<out>/tasks/<name>_s<seed>.pt``
 (for paired differences).
+
+``--meta-test`` is for the setting already chosen on meta-val, once: the model is also scored on
+meta-test's fixed tasks with the comparison table's two heads (``purer metatest``'s adaptation and
+the cosine nearest-prototype head) and paired with the ``teacher-best`` row of the same tasks; rows
+go to ``<out>/metatest.csv`` (with the meta-val scores, which must repeat the search's row).
 """
 
 from __future__ import annotations
@@ -24,21 +29,49 @@ import torch
 
 from purer_mlops.config.loading import load_params
 from purer_mlops.data.dataset import fixed_tasks, load_split
+from purer_mlops.meta.baselines import TeacherRows
 from purer_mlops.meta.evaluation import mean_ci95, task_accuracies
+from purer_mlops.meta.heads import prototype_accuracies
+from purer_mlops.meta.scoring import fixed_test_tasks, score
 from purer_mlops.models.learners import build_learner
 from purer_mlops.paths import Project
 from purer_mlops.stages.metatrain import build_trainer
 
 COLUMNS = ("name", "seed", "iterations", "own", "own_ci95", "proto", "proto_ci95", "train_seconds",
            "seconds_per_iteration", "start_teacher", "distill_last", "knobs")
+TEST_COLUMNS = ("name", "seed", "iterations", "val_own", "val_proto", "test_own", "test_proto", "teacher_best",
+                "teacher_best_acc", "own_minus_teacher_best",
+                "proto_minus_teacher_best", "start_teacher", "knobs")
 
 
 def heads(params, model, imageset, tasks) -> dict[str, torch.Tensor]:
     """Per-task accuracies (T,) of the meta-learner's own adaptation and of nearest prototype."""
-    own = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr, fast=True)
-    proto = build_learner("protonet", model, 0, 0.0, fast=True)
+    own = build_learner(params.meta_learner, model, params.test_inner_update_num, params.inner_lr)
+    proto = build_learner("protonet", model, 0, 0.0)
     weights = dict(model.named_parameters())
     return {k: task_accuracies(learner, weights, imageset, tasks) for k, learner in (("own", own), ("proto", proto))}
+
+
+def percent(accs: torch.Tensor) -> str:
+    """'mean ± ci95' in percent of per-task accuracies (T,) or of paired differences."""
+    mean, ci = mean_ci95(100 * accs)
+    return f"{mean:.2f} ± {ci:.2f}"
+
+
+def meta_test_row(params, project: Project, model: torch.nn.Module, tasks_file: Path) -> dict:
+    """The comparison table's 1-shot heads of ``model`` on meta-test's fixed tasks, and the paired
+    differences to ``teacher-best`` (chosen on meta-val with this run's seed) on the same tasks;
+    the per-task accuracies (T,) of the three go to ``tasks_file``."""
+    p = params.replace(num_sup_test=1)
+    test, tasks = fixed_test_tasks(p, project, 1)
+    own = score(p, model, test, tasks, meta_learner=p.meta_learner)
+    proto = prototype_accuracies(model, test, tasks)
+    teachers = TeacherRows(p, project, test, tasks).scores()
+    best = teachers.accuracies("teacher-best")
+    torch.save({"own": own, "proto": proto, "teacher-best": best}, tasks_file)
+    return {"test_own": percent(own), "test_proto": percent(proto), "teacher_best": teachers.names[teachers.best],
+            "teacher_best_acc": percent(best), "own_minus_teacher_best": percent(own - best),
+            "proto_minus_teacher_best": percent(proto - best)}
 
 
 def run_one(name: str, knobs: dict, args) -> dict:
@@ -57,6 +90,12 @@ def run_one(name: str, knobs: dict, args) -> dict:
     torch.save(accs, args.out / "tasks" / f"{name}_s{args.seed}.pt")
     (own, own_ci), (proto, proto_ci) = mean_ci95(accs["own"]), mean_ci95(accs["proto"])
     its = max(args.iterations, 0)
+    if args.meta_test:
+        tasks_file = args.out / "tasks" / f"{name}_s{args.seed}_meta_test.pt"
+        return {"name": name, "seed": args.seed, "iterations": its, "val_own": round(100 * own, 2),
+                "val_proto": round(100 * proto, 2), **meta_test_row(params, project, trainer.model, tasks_file),
+                "start_teacher": trainer.start_teacher[0] if trainer.start_teacher else "",
+                "knobs": json.dumps(knobs, sort_keys=True)}
     return {"name": name, "seed": args.seed, "iterations": its, "own": round(100 * own, 2),
             "own_ci95": round(100 * own_ci, 2), "proto": round(100 * proto, 2), "proto_ci95": round(100 * proto_ci, 2),
             "train_seconds": round(secs, 1), "seconds_per_iteration": round(secs / its, 4) if its else "",
@@ -99,20 +138,21 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only write <out>/search.md from <out>/search.csv")
     ap.add_argument("--reference", default="teacher-best-start", help="setting the table's paired column is against")
     ap.add_argument("--out", type=Path, default=Path("results/distill"))
+    ap.add_argument("--meta-test", action="store_true", help="also score the chosen setting on meta-test, once")
     args = ap.parse_args()
     if args.table:
         table(args.out, args.reference)
         return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "search.csv"
+    path, columns = (args.out / "metatest.csv", TEST_COLUMNS) if args.meta_test else (args.out / "search.csv", COLUMNS)
     for spec in args.config:
         name, knobs = spec.split("=", 1)
         row = run_one(name, json.loads(knobs), args)
         print(json.dumps(row), flush=True)
         new = not path.is_file()
         with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w = csv.DictWriter(f, fieldnames=columns)
             if new:
                 w.writeheader()
             w.writerow(row)
