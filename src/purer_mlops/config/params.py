@@ -254,7 +254,7 @@ class Params:
                               "episode_batch`", *TRAIN, ge=1, group=TRAINING)
     episode_batch: int = knob(4, "tasks per meta-iteration", *TRAIN, ge=1, group=TRAINING)
     inner_update_num: int = knob(1, "inner-loop gradient steps during meta-training", *TRAIN, ge=0, group=TRAINING)
-    inner_lr: float = knob(0.01, "inner-loop learning rate", *TEST, gt=0.0, group=TRAINING)
+    inner_lr: float = knob(0.05, "inner-loop learning rate (the reference 0.01)", *TEST, gt=0.0, group=TRAINING)
     outer_lr: float = knob(0.001, "outer-loop (meta-model) Adam learning rate", *TRAIN, gt=0.0, group=TRAINING)
     approx: bool = knob(False, "first-order MAML (no second derivatives)", *TRAIN, group=TRAINING)
     synthesis_per_class: int = knob(6, "learnable bank images per class (shots + queries of the pseudo tasks)",
