@@ -74,27 +74,37 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+PANELS = (("val", 1, "meta-val (best)"), ("test", 2, "meta-test"))
+
+
 def plot(runs: list[Run], rows: list[dict[str, Any]], path: Path) -> None:
-    """Meta-val and meta-test per setting: one dot per seed, the mean with its 95% interval."""
+    """Meta-val and meta-test per setting: one dot per seed, the mean with its 95% interval.
+
+    Settings run down the y-axis, so that long labels stay readable; a metric no run has (a
+    sweep chosen on meta-val, meta-test untouched) gets no panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = seed_points(runs)
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(groups) + 3), 3.6), sharey=False)
-    for ax, (metric, index, title) in zip(axes, [("val", 1, "meta-val (best)"), ("test", 2, "meta-test")], strict=True):
-        for x, ((_, points), row) in enumerate(zip(groups, rows, strict=True)):
-            ys = [p[index] for p in points if p[index] is not None]
-            ax.scatter([x - 0.12] * len(ys), ys, s=14, color="0.55", zorder=2, label="seed" if x == 0 else None)
+    panels = [panel for panel in PANELS if any(p[panel[1]] is not None for _, points in groups for p in points)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 3.5, 0.45 * len(groups) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, (metric, index, title) in zip(axes[0], panels, strict=True):
+        for y, ((_, points), row) in enumerate(zip(groups, rows, strict=True)):
+            xs = [p[index] for p in points if p[index] is not None]
+            ax.scatter(xs, [y + 0.12] * len(xs), s=14, color="0.55", zorder=2, label="seed" if y == 0 else None)
             half = row[f"{metric}_ci"]
-            ax.errorbar([x + 0.12], [row[f"{metric}_mean"]], yerr=None if math.isnan(half) else [[half], [half]],
-                        fmt="o", color="C0", capsize=4, zorder=3, label="mean ± 95% t-interval" if x == 0 else None)
-        ax.set_xticks(range(len(groups)), [g[0] for g in groups], rotation=20, ha="right", fontsize=8)
+            ax.errorbar([row[f"{metric}_mean"]], [y - 0.12], xerr=None if math.isnan(half) else [[half], [half]],
+                        fmt="o", color="C0", capsize=4, zorder=3, label="mean ± 95% t-interval" if y == 0 else None)
+        ax.set_yticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+        ax.set_ylim(len(groups) - 0.5, -0.5)  # the table's order, top to bottom
         ax.set_title(title)
-        ax.set_ylabel("accuracy %")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.set_xlabel("accuracy %")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
