@@ -123,9 +123,9 @@ def test_only_changed_shows_the_swept_param_and_the_changed_metrics_only(repo):
                if len(values[k]) > 1}
     assert columns == {"adv_scale"} | changed, columns
     assert {r["adv_scale"] for r in rows} == {"10.0", "0.5"}
-    # DVC cuts the right-most columns (the params) to fit: the full set needs ~120 columns, and
+    # DVC cuts the right-most columns (the params) to fit: the full set needs ~125 columns, and
     # docs/tracking.md's narrower view fits 80
-    table = run_dvc(repo, "exp", "show", "--only-changed", "--no-pager", env={"COLUMNS": "120"}, check=True).stdout
+    table = run_dvc(repo, "exp", "show", "--only-changed", "--no-pager", env={"COLUMNS": "200"}, check=True).stdout
     assert "adv_scale" in table and "adv-half" in table, table
     narrow = run_dvc(repo, "exp", "show", "--only-changed", "--drop", "Created|.*_ci|test_proto|val_final",
                      "--no-pager", env={"COLUMNS": "80"}, check=True).stdout
