@@ -23,7 +23,8 @@ def table_markdown(rows: list[dict], shots: list[int], way: int) -> str:
 
 
 def bar_chart(rows: list[dict], path: Path) -> None:
-    """Grouped bars (methods × shots) with 95% intervals as error bars."""
+    """Grouped horizontal bars (methods down the y-axis in the table's order, one bar per shot)
+    with 95% intervals as error bars: readable however many rows the table has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,16 +32,18 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 
     shots = sorted({r["shot"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) * len(shots) + 2, 4))
-    width = 0.8 / len(shots)
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(methods) * len(shots) + 1.2))
+    height = 0.8 / len(shots)
     for j, s in enumerate(shots):
         sel = [next((r for r in rows if r["method"] == m and r["shot"] == s), None) for m in methods]
         acc = [r["accuracy"] if r and r["accuracy"] is not None else 0.0 for r in sel]
         err = [r["ci95"] if r and r["ci95"] is not None else 0.0 for r in sel]
-        ax.bar([i + j * width for i in range(len(methods))], acc, width, yerr=err, capsize=3, label=f"{s}-shot")
-    ax.set_xticks([i + width * (len(shots) - 1) / 2 for i in range(len(methods))], methods)
-    ax.set_ylabel("meta-test accuracy (%)")
-    ax.legend()
+        ax.barh([i + j * height for i in range(len(methods))], acc, height, xerr=err, capsize=2, label=f"{s}-shot")
+    ax.set_yticks([i + height * (len(shots) - 1) / 2 for i in range(len(methods))], methods)
+    ax.invert_yaxis()  # the table's first row on top
+    ax.set_xlabel("meta-test accuracy (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper right")
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
